@@ -1,0 +1,184 @@
+"""Building blocks whose parameter names match the official ViT checkpoints.
+
+Every projection is a :class:`Projection` (kernel ``in_shape + out_shape``, like Flax's
+``DenseGeneral``), so query/key/value keep the checkpoint's ``(D, heads, head_dim)`` kernels
+and loading a ``.npz`` is a plain tree lookup. PEFT weights are extra sub-scopes of the
+module they modify (``lora/{a,b}``, ``ssf/{scale,shift}``) and never collide with
+checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def kaiming_uniform_fan_in(key, shape, dtype=jnp.float32, *, fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's ``kaiming_uniform_(a=sqrt(5))`` on a Linear."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def normal_around(mean: float, stddev: float) -> Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    return mean + stddev * jax.random.normal(key, shape, dtype)
+  return init
+
+
+class LoraBranch(nn.Module):
+  """The low-rank update ``scale * (x A) B`` of a projection; B starts at zero."""
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  rank: int
+  scale: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = math.prod(self.in_shape)
+    a = self.param("a", lambda k, s: kaiming_uniform_fan_in(k, s, fan_in=fan_in),
+                   self.in_shape + (self.rank,))
+    b = self.param("b", nn.initializers.zeros, (self.rank,) + self.out_shape)
+    n_in = len(self.in_shape)
+    h = lax.dot_general(x, a.astype(self.dtype),
+                        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    y = lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return y * jnp.asarray(self.scale, self.dtype)
+
+
+class Ssf(nn.Module):
+  """SSF's learnable per-feature scale and shift (dongzelian/SSF), applied to an output."""
+  features: tuple[int, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: jax.Array) -> jax.Array:
+    scale = self.param("scale", normal_around(1.0, 0.02), self.features)
+    shift = self.param("shift", normal_around(0.0, 0.02), self.features)
+    return y * scale.astype(y.dtype) + shift.astype(y.dtype)
+
+
+class Projection(nn.Module):
+  """Affine map over the trailing ``in_dims`` axes, with optional LoRA and SSF."""
+  features: tuple[int, ...]
+  in_dims: int = 1
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros
+  lora_rank: int = 0
+  lora_scale: float = 1.0
+  ssf: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = tuple(x.shape[-self.in_dims:])
+    n_in, n_out = len(in_shape), len(self.features)
+    kernel_init = self.kernel_init
+    if n_in + n_out > 2:
+      # Fan in/out of the flattened matrix, as for the official DenseGeneral kernels.
+      kernel_init = nn.initializers.xavier_uniform(
+          in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", kernel_init, in_shape + self.features)
+    bias = self.param("bias", self.bias_init, self.features)
+    x = x.astype(self.dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
+    y = y + bias.astype(self.dtype)
+    if self.lora_rank:
+      y = y + LoraBranch(in_shape, self.features, self.lora_rank, self.lora_scale,
+                         dtype=self.dtype, name="lora")(x)
+    if self.ssf:
+      y = Ssf(self.features, dtype=self.dtype, name="ssf")(y)
+    return y
+
+
+class Norm(nn.Module):
+  """LayerNorm (eps 1e-6, statistics in float32) with params ``scale``/``bias`` and optional SSF."""
+  epsilon: float = 1e-6
+  ssf: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+    y = y.astype(self.dtype)
+    if self.ssf:
+      y = Ssf((d,), dtype=self.dtype, name="ssf")(y)
+    return y
+
+
+class PatchEmbedding(nn.Module):
+  """Non-overlapping patch projection with the official conv kernel layout (p, p, C, D)."""
+  patch_size: int
+  width: int
+  ssf: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    _, h, w, c = images.shape
+    if h % p or w % p:
+      raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                        (p, p, c, self.width))
+    bias = self.param("bias", nn.initializers.zeros, (self.width,))
+    patches = einops.rearrange(images.astype(self.dtype),
+                               "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
+    y = patches @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
+    y = y + bias.astype(self.dtype)
+    if self.ssf:
+      y = Ssf((self.width,), dtype=self.dtype, name="ssf")(y)
+    return y
+
+
+class DropPath(nn.Module):
+  """Per-sample stochastic depth, rescaled by 1/keep (timm's ``drop_path``)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: float,
+              deterministic: bool, dropout_rng: jax.Array | None,
+              implementation: str) -> jax.Array:
+  """Scaled dot-product attention over (batch, tokens, heads, head_dim) inputs.
+
+  Without attention dropout the fused ``jax.nn.dot_product_attention`` is used (cuDNN
+  flash attention on GPU when ``implementation='cudnn'``); with it, an explicit einsum.
+  """
+  if dropout_rate == 0.0 or deterministic:
+    impl = None if implementation in ("auto", "xla") else implementation
+    if implementation == "xla":
+      impl = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  keep = 1.0 - dropout_rate
+  mask = jax.random.bernoulli(dropout_rng, keep, weights.shape)
+  weights = jnp.where(mask, weights / jnp.asarray(keep, weights.dtype), 0)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+

@@ -1,0 +1,241 @@
+"""Vision Transformer with the official checkpoint parameter tree.
+
+Module names are the pre-Linen names stored in the Google ``.npz`` files (``LayerNorm_0``,
+``MultiHeadDotProductAttention_1``, ``LayerNorm_2``, ``MlpBlock_3``), set explicitly, so an
+official file loads by tree lookup and our trees export back to files timm reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idat_jax.models.layers import DropPath, Norm, PatchEmbedding, Projection, attention
+from idat_jax.models.peft import AdapterConfig, LoraConfig
+
+Dtype = Any
+
+
+def _lora_rank(lora: LoraConfig | None, target: str) -> int:
+  return lora.rank if lora is not None and target in lora.targets else 0
+
+
+def _lora_scale(lora: LoraConfig | None) -> float:
+  return lora.scale if lora is not None else 1.0
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  lora: LoraConfig | None = None
+  ssf: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    d = x.shape[-1]
+    bias_init = nn.initializers.normal(stddev=1e-6)
+    x = Projection((self.mlp_dim,), bias_init=bias_init, lora_rank=_lora_rank(self.lora, "fc1"),
+                   lora_scale=_lora_scale(self.lora), ssf=self.ssf, dtype=self.dtype,
+                   name="Dense_0")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = Projection((d,), bias_init=bias_init, lora_rank=_lora_rank(self.lora, "fc2"),
+                   lora_scale=_lora_scale(self.lora), ssf=self.ssf, dtype=self.dtype,
+                   name="Dense_1")(x)
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+  num_heads: int
+  attention_dropout: float = 0.0
+  lora: LoraConfig | None = None
+  ssf: bool = False
+  attention_impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
+    heads = (self.num_heads, d // self.num_heads)
+
+    def proj(target, name, features, in_dims=1):
+      return Projection(features, in_dims=in_dims, lora_rank=_lora_rank(self.lora, target),
+                        lora_scale=_lora_scale(self.lora), ssf=self.ssf, dtype=self.dtype,
+                        name=name)
+
+    q = proj("q", "query", heads)(x)
+    k = proj("k", "key", heads)(x)
+    v = proj("v", "value", heads)(x)
+    rng = None
+    if not deterministic and self.attention_dropout > 0:
+      rng = self.make_rng("dropout")
+    y = attention(q, k, v, dropout_rate=self.attention_dropout, deterministic=deterministic,
+                  dropout_rng=rng, implementation=self.attention_impl)
+    return proj("out", "out", (d,), in_dims=2)(y)
+
+
+class Adapter(nn.Module):
+  """``up(GELU(down(x)))`` with biases; weights trunc-normal(std), biases zero (as iDAT)."""
+  hidden_dim: int
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.truncated_normal(self.init_std)
+    h = Projection((self.hidden_dim,), kernel_init=init, dtype=self.dtype, name="down")(x)
+    h = nn.gelu(h, approximate=False)
+    return Projection((x.shape[-1],), kernel_init=init, dtype=self.dtype, name="up")(h)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block with iDAT's three adapter placements (methods.md A.3)."""
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  adapter: AdapterConfig | None = None
+  lora: LoraConfig | None = None
+  ssf: bool = False
+  attention_impl: str = "auto"
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    det = self.deterministic
+    adapter = None
+    if self.adapter is not None:
+      adapter = Adapter(self.adapter.hidden_dim, self.adapter.init_std, dtype=self.dtype,
+                        name="adapter")
+      scale = jnp.asarray(self.adapter.effective_scale, self.dtype)
+    kind = self.adapter.kind if self.adapter is not None else None
+    drop_path = DropPath(self.drop_path)
+
+    y = Norm(ssf=self.ssf, dtype=self.dtype, name="LayerNorm_0")(x)
+    y = SelfAttention(self.num_heads, self.attention_dropout, self.lora, self.ssf,
+                      self.attention_impl, dtype=self.dtype,
+                      name="MultiHeadDotProductAttention_1")(y, det)
+    y = nn.Dropout(self.dropout)(y, deterministic=det)
+    x1 = x + drop_path(y, det)
+    if kind == "gist_shared_par_adapter":
+      x1 = x1 + scale * adapter(x)
+
+    y = Norm(ssf=self.ssf, dtype=self.dtype, name="LayerNorm_2")(x1)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.lora, self.ssf, dtype=self.dtype,
+                 name="MlpBlock_3")(y, det)
+    x2 = x1 + drop_path(y, det)
+    if kind in ("gist_shared_par_adapter", "adaptformer"):
+      x2 = x2 + scale * adapter(x1)
+    elif kind == "gist_seq_adapter":
+      x2 = x2 + scale * adapter(x2)
+    return x2
+
+
+class AddPositionEmbedding(nn.Module):
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
+    return x + pos.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  adapter: AdapterConfig | None = None
+  lora: LoraConfig | None = None
+  ssf: bool = False
+  remat: bool = False
+  attention_impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, list[jax.Array]]:
+    x = AddPositionEmbedding(name="posembed_input")(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+    # Stochastic depth rises linearly with depth: block i drops with rate drop_path * i/(L-1).
+    rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
+    blocks = []
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
+                    float(rates[i]), self.adapter, self.lora, self.ssf, self.attention_impl,
+                    deterministic, dtype=self.dtype, name=f"encoderblock_{i}")(x)
+      blocks.append(x)
+    return Norm(ssf=self.ssf, dtype=self.dtype, name="encoder_norm")(x), blocks
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier (``num_classes=0``: a feature extractor with no head).
+
+  ``__call__(images, train=False)`` returns float32 logits; with ``features=True`` it returns
+  a dict with ``blocks`` (each block's output, before the final norm), ``tokens`` (after the
+  final norm), ``pooled`` (the pre-logits feature) and ``logits`` (absent without a head).
+  """
+  num_classes: int
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  image_size: int = 224
+  pool: str = "token"
+  representation_size: int | None = None
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  head_init_std: float = 0.0
+  adapter: AdapterConfig | None = None
+  lora: LoraConfig | None = None
+  ssf: bool = False
+  remat: bool = False
+  attention_impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False, features: bool = False):
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"expected NHWC RGB images, got shape {images.shape}")
+    if images.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"model built for {self.image_size}px images, got {images.shape[1:3]}; "
+                       "rebuild it with image_size=... (checkpoints resize position embeddings)")
+    if self.pool not in ("token", "gap"):
+      raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
+    x = PatchEmbedding(self.patch_size, self.width, self.ssf, dtype=self.dtype,
+                       name="embedding")(images)
+    if self.pool == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width)), x],
+                          axis=1)
+    tokens, blocks = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
+                             self.attention_dropout, self.drop_path, self.adapter, self.lora,
+                             self.ssf, self.remat, self.attention_impl, dtype=self.dtype,
+                             name="Transformer")(x, deterministic=not train)
+    pooled = tokens[:, 0] if self.pool == "token" else jnp.mean(tokens, axis=1)
+    if self.representation_size:
+      pooled = jnp.tanh(Projection((self.representation_size,), dtype=self.dtype,
+                                   name="pre_logits")(pooled))
+    out = dict(blocks=blocks, tokens=tokens, pooled=pooled)
+    if self.num_classes:
+      head_init = (nn.initializers.normal(self.head_init_std) if self.head_init_std
+                   else nn.initializers.zeros)
+      logits = Projection((self.num_classes,), kernel_init=head_init, dtype=self.dtype,
+                          name="head")(pooled)
+      out["logits"] = logits.astype(jnp.float32)
+    if features:
+      return out
+    if not self.num_classes:
+      raise ValueError("a model built with num_classes=0 has no logits; call with features=True")
+    return out["logits"]
