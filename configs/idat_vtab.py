@@ -1,0 +1,94 @@
+r"""iDAT on VTAB-1K: the released recipe (JCruan519/iDAT ``train_vtab_onlinekd.sh``).
+
+Student ViT-B/16 and teacher ViT-S/16 from the AugReg in21k ``.npz`` files, gist_seq
+adapters + heads trainable, loss CE(s) + CE(t) + MSE(z_s, z_t), global batch 64 with
+drop-last, 100 epochs + 10 cooldown epochs, timm warmup/cosine stepped per epoch, AdamW with
+decay on kernels only, student evaluated on the test split every epoch.
+
+    python -m idat_jax.main --config configs/idat_vtab.py:task=dtd --workdir runs/idat/dtd \
+      --config.data.root=/data/vtab-1k \
+      --config.models.student.checkpoint=/ckpt/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz \
+      --config.models.teacher.checkpoint=/ckpt/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz
+
+Arguments (``:key=value,...``):
+  task      one of the 19 VTAB-1K folder names (aliases cifar100, flowers102, pets accepted)
+  method    idat (default) or a baseline: adapter (gist_seq adapter-tuning alone, no teacher),
+            linear_probe, full, lora, ssf, bitfit
+  backend   folder (NOAH/SSF layout under data.root) or tfds (prepared TFDS dir)
+  loss      mse (released script) or kl (temperature 5, KL(teacher || student), no T^2)
+  adapter   gist_seq_adapter | gist_shared_par_adapter | adaptformer
+  seed      random seed (42 as the reference)
+  ckpt_dir  directory holding the two AugReg files under their official names (default
+            'pretrained'; fetch them with gsutil cp gs://vit_models/augreg/<name> pretrained/)
+"""
+
+from idat_jax import config_lib
+
+STUDENT_NPZ = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
+TEACHER_NPZ = "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz"
+
+# Per-task (lr, weight decay, drop-path) of the released script (identical to SSF's).
+TASK_HPARAMS = {
+    "caltech101": (1e-3, 5e-2, 0.1),
+    "cifar": (5e-3, 5e-5, 0.0),
+    "clevr_count": (2e-3, 5e-2, 0.1),
+    "clevr_dist": (5e-2, 5e-2, 0.1),
+    "diabetic_retinopathy": (5e-3, 5e-5, 0.2),
+    "dmlab": (5e-3, 5e-5, 0.1),
+    "dsprites_loc": (1e-2, 5e-5, 0.0),
+    "dsprites_ori": (5e-3, 5e-5, 0.2),
+    "dtd": (5e-3, 5e-5, 0.0),
+    "eurosat": (3e-3, 5e-2, 0.2),
+    "oxford_flowers102": (5e-3, 5e-5, 0.0),
+    "kitti": (1e-2, 5e-5, 0.0),
+    "patch_camelyon": (5e-3, 5e-5, 0.0),
+    "oxford_iiit_pet": (5e-3, 5e-5, 0.0),
+    "resisc45": (2e-3, 5e-5, 0.1),
+    "smallnorb_azi": (2e-2, 5e-5, 0.1),
+    "smallnorb_ele": (5e-3, 5e-2, 0.2),
+    "sun397": (5e-3, 5e-5, 0.0),
+    "svhn": (1e-2, 5e-5, 0.0),
+}
+ALIASES = {"cifar100": "cifar", "flowers102": "oxford_flowers102", "pets": "oxford_iiit_pet"}
+BASELINES = ("adapter", "linear_probe", "full", "lora", "ssf", "bitfit")
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, task="dtd", method="idat", backend="folder", loss="mse",
+                           adapter="gist_seq_adapter", seed=42, ckpt_dir="pretrained")
+  task = ALIASES.get(a.task, a.task)
+  if task not in TASK_HPARAMS:
+    raise ValueError(f"unknown VTAB-1K task {a.task!r}; expected one of {sorted(TASK_HPARAMS)} "
+                     f"or an alias {sorted(ALIASES)}")
+  lr, wd, drop_path = TASK_HPARAMS[task]
+
+  c = config_lib.base_config()
+  c.seed = a.seed
+  c.data.backend = a.backend
+  c.data.task = task
+  c.data.image_size = 224
+  c.data.normalization = "inception"
+
+  ckpt = a.ckpt_dir.rstrip("/") + "/"
+  c.models.student = config_lib.model_config("B/16", ckpt + STUDENT_NPZ, a.adapter)
+  c.models.teacher = config_lib.model_config("S/16", ckpt + TEACHER_NPZ, a.adapter)
+  for m in (c.models.student, c.models.teacher):
+    m.drop_path = drop_path   # the reference applies the task's drop-path to both models
+
+  if a.method == "idat":
+    c.method = "idat"
+    c.idat.distill_loss = a.loss
+  elif a.method in BASELINES:
+    c.method = "supervised"
+    c.models.student.tuning.mode = a.adapter if a.method == "adapter" else a.method
+  else:
+    raise ValueError(f"unknown method {a.method!r}; expected idat or one of {BASELINES}")
+
+  c.batch_size = 64
+  c.eval_batch_size = 256
+  c.optim.update(dict(name="adamw", lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=1e-8,
+                      schedule="timm_cosine_epoch", epochs=100, cooldown_epochs=10,
+                      warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8))
+  c.eval_every_epochs = 1
+  c.log_every_steps = 15
+  return c

@@ -1,0 +1,135 @@
+"""Shared config defaults. Config files (``configs/*.py``) start from :func:`base_config`.
+
+Every key a run may set is declared here, so configs can be locked and a misspelled
+``--config.x.y=v`` override is an error instead of a silently ignored field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+FieldRef = ml_collections.FieldReference
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """``'task=dtd,seed=1'`` -> ConfigDict, typed by the defaults (big_vision's convention)."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not key=value (in {arg!r})")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+      out[key] = value.lower() in ("true", "1")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def tuning_config(mode: str = "gist_seq_adapter") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      mode=mode,                 # gist_seq_adapter | gist_shared_par_adapter | adaptformer |
+                                 # lora | ssf | bitfit | linear_probe | full
+      train_head=True,
+      adapter_dim=4,
+      adapter_scale=FieldRef(None, field_type=float),  # None: 1 (sequential) / 0.1 (parallel)
+      adapter_init_std=0.02,
+      lora_rank=4,
+      lora_targets="enhanced",   # 'enhanced' (q,k,v,out,fc1,fc2), 'plain' (q,v), or a list
+      lora_scale=1.0,
+  ))
+
+
+def model_config(variant: str = "B/16", checkpoint: str = "",
+                 mode: str = "gist_seq_adapter") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      variant=variant,           # 'B/16', 'S/16', ... or 'custom' with the fields below
+      checkpoint=checkpoint,     # pretrained .npz / .safetensors / .pth; '' = random init
+      width=FieldRef(None, field_type=int),
+      depth=FieldRef(None, field_type=int),
+      num_heads=FieldRef(None, field_type=int),
+      mlp_dim=FieldRef(None, field_type=int),
+      patch_size=FieldRef(None, field_type=int),
+      pool="token",
+      dropout=0.0,
+      drop_path=0.0,
+      head_init_std=0.02,        # timm's trunc_normal(0.02) head as in iDAT; 0 = zeros
+      dtype="float32",           # compute dtype; 'bfloat16' keeps params/optimizer in f32
+      remat=False,
+      attention_impl="auto",     # auto | xla | cudnn
+      tuning=tuning_config(mode),
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"               # train | eval
+  c.method = "supervised"
+  c.seed = 42
+  c.distributed = False          # call jax.distributed.initialize() (multi-host TPU / GPU)
+  c.num_devices = FieldRef(None, field_type=int)  # use only the first N devices (tests)
+
+  c.data = ml_collections.ConfigDict(dict(
+      backend="folder",          # folder | tfds
+      root="",                   # folder backend: <root>/<task>/{train800val200,test}.txt
+      tfds_data_dir="",          # tfds backend: prepared TFDS data dir ('' = TFDS default)
+      task="dtd",
+      num_classes=FieldRef(None, field_type=int),  # None: from the task registry
+      train_split="train800val200",
+      eval_split="test",
+      image_size=224,
+      normalization="inception",  # inception: (x/255-0.5)/0.5 ; imagenet: ImageNet mean/std
+      cache_dir="",              # decoded+resized uint8 cache ('' = <workdir>/../cache)
+      eval_resident_mb=1024,     # keep the eval set on device when it fits this budget
+  ))
+
+  c.models = ml_collections.ConfigDict(dict(
+      student=model_config("B/16"),
+      teacher=model_config("S/16"),
+  ))
+
+  c.idat = ml_collections.ConfigDict(dict(
+      distill_loss="mse",        # mse (released script) | kl (KL(p_t||p_s) at temperature)
+      temperature=5.0,
+      student_weight=1.0, teacher_weight=1.0, distill_weight=1.0,
+  ))
+
+  c.batch_size = 64              # global, drop-last
+  c.eval_batch_size = 256
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",              # adamw | lars
+      lr=1e-3,
+      weight_decay=5e-5,
+      b1=0.9, b2=0.999, eps=1e-8,
+      momentum=0.9,              # lars
+      trust_coefficient=0.001,   # lars
+      schedule="timm_cosine_epoch",  # timm_cosine_epoch | timm_cosine_step | half_cycle_cosine | constant
+      epochs=100,
+      cooldown_epochs=10,        # timm's create_scheduler trains epochs + cooldown at min_lr
+      warmup_epochs=10,
+      warmup_lr=1e-7,
+      min_lr=1e-8,
+      accum_steps=1,
+  ))
+
+  c.eval_every_epochs = 1        # the reference evaluates the student on test every epoch
+  c.log_every_steps = 50
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 2
+  c.stop_after_steps = 0         # >0: stop (after checkpointing) at this step; resumable
+  c.progress_bar = True
+
+  c.eval = ml_collections.ConfigDict(dict(step=FieldRef(None, field_type=int)))  # mode=eval
+  return c

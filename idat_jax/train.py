@@ -1,0 +1,358 @@
+"""The generic trainer: one jit-compiled, data-parallel step for every method.
+
+The method (``idat_jax.methods``) declares models, trainable rules and a loss; this module
+initialises and loads the models, splits parameters into a trainable and a frozen tree
+(gradients, optimizer state and checkpoints cover only the trainable one), builds the
+optimizer and schedule, and runs the loop on a ``data`` mesh:
+
+* the train state is donated and stays on device; metrics are fetched only at log points;
+* batch order, dropout and drop-path randomness are pure functions of (seed, step), so a
+  restarted run continues bit-identically from its last checkpoint;
+* evaluation pads the last batch and masks it, so every example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from idat_jax import checkpoints as ckpt_io
+from idat_jax import sharding as shd
+from idat_jax.methods import Method, build_method
+from idat_jax.models import init_params
+from idat_jax.training import inputs, optim, schedules, trainable as tr
+from idat_jax.training.checkpointing import Checkpointer, abstract_like
+from idat_jax.training.metrics import MetricWriter, append_result
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs besides the loop (also used by tests and the benchmark)."""
+  config: ml_collections.ConfigDict
+  method: Method
+  mesh: jax.sharding.Mesh
+  masks: dict[str, Any]
+  frozen: dict[str, Any]
+  state: dict[str, Any]
+  tx: optax.GradientTransformation
+  schedule: Callable[[Any], Any]
+  train_data: inputs.TrainData
+  steps_per_epoch: int
+  total_epochs: int
+  counts: dict[str, tuple[int, int]]
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps_per_epoch * self.total_epochs
+
+
+def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict]:
+  """Initialises every model, merges its pretrained file, applies its trainable rules."""
+  params, masks, counts = {}, {}, {}
+  replicated = shd.replicated(mesh)
+  for i, (name, spec) in enumerate(method._specs().items()):
+    init = jax.jit(functools.partial(init_params, spec.module), out_shardings=replicated)(
+        jax.random.fold_in(rng, i))
+    if spec.checkpoint:
+      if "://" not in spec.checkpoint and not os.path.exists(spec.checkpoint):
+        raise FileNotFoundError(
+            f"pretrained checkpoint for model '{name}' not found: {spec.checkpoint} "
+            f"(resolved to {os.path.abspath(spec.checkpoint)}). Download it first (see the "
+            "README, 'Pretrained checkpoints') or set --config.models.<name>.checkpoint")
+      loaded = ckpt_io.load_params(spec.checkpoint, num_heads=spec.num_heads)
+      if spec.load_transform is not None:
+        loaded = spec.load_transform(loaded)
+      merged, report = ckpt_io.merge_pretrained(
+          jax.device_get(init), loaded, init_only=spec.init_only,
+          ignore_unexpected=spec.ignore_unexpected)
+      logging.info("%s <- %s\n%s", name, spec.checkpoint, report)
+      init = jax.device_put(merged, replicated)
+    params[name] = init
+    masks[name] = tr.trainable_mask(init, spec.trainable)
+    logging.info("%s", tr.parameter_report(init, masks[name], name))
+    counts[name] = (tr.count_params(tr.partition(init, masks[name])[0]), tr.count_params(init))
+  return params, masks, counts
+
+
+def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int,
+                  total_epochs: int) -> Callable[[Any], Any]:
+  """The learning rate as a function of the optimizer step."""
+  opt_steps_per_epoch = steps_per_epoch // ocfg.accum_steps
+  if ocfg.schedule in ("timm_cosine_epoch", "timm_cosine_step"):
+    return schedules.timm_cosine_schedule(
+        ocfg.lr, steps_per_epoch=opt_steps_per_epoch, num_epochs=total_epochs,
+        per_step=ocfg.schedule == "timm_cosine_step", t_initial=ocfg.epochs,
+        warmup_epochs=ocfg.warmup_epochs, warmup_lr=ocfg.warmup_lr, min_lr=ocfg.min_lr)
+  if ocfg.schedule == "half_cycle_cosine":
+    return schedules.half_cycle_cosine(
+        ocfg.lr, epochs=ocfg.epochs, warmup_epochs=ocfg.warmup_epochs,
+        steps_per_epoch=opt_steps_per_epoch, min_lr=ocfg.min_lr)
+  if ocfg.schedule == "constant":
+    return optax.constant_schedule(ocfg.lr)
+  raise ValueError(f"unknown optim.schedule {ocfg.schedule!r}; expected timm_cosine_epoch, "
+                   "timm_cosine_step, half_cycle_cosine or constant")
+
+
+def make_optimizer(ocfg: ml_collections.ConfigDict, schedule, trainable_params):
+  if ocfg.name == "adamw":
+    tx = optim.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+                     weight_decay=ocfg.weight_decay,
+                     decay_mask=optim.weight_decay_mask(trainable_params))
+  elif ocfg.name == "lars":
+    tx = optim.lars(schedule, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay,
+                    trust_coefficient=ocfg.trust_coefficient)
+  else:
+    raise ValueError(f"unknown optim.name {ocfg.name!r}; expected adamw or lars")
+  if ocfg.accum_steps < 1:
+    raise ValueError(f"optim.accum_steps must be >= 1, got {ocfg.accum_steps}")
+  return optim.with_accumulation(tx, ocfg.accum_steps) if ocfg.accum_steps > 1 else tx
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+  mesh = shd.make_mesh(config.num_devices)
+  shd.check_batch_size(config.batch_size, mesh)
+  shd.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
+  method = build_method(config)
+  train_data = inputs.build_train(config, mesh, workdir)
+  steps_per_epoch = train_data.num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch size {config.batch_size} exceeds the {train_data.num_examples} "
+                     "training examples (drop-last leaves no step)")
+  if steps_per_epoch % config.optim.accum_steps:
+    # Leftover micro-batches of an epoch are dropped, as in the reference.
+    steps_per_epoch -= steps_per_epoch % config.optim.accum_steps
+  total_epochs = config.optim.epochs + config.optim.cooldown_epochs
+
+  params, masks, counts = load_models(method, jax.random.key(config.seed), mesh)
+  trainable, frozen = tr.partition(params, masks)
+  if not jax.tree.leaves(trainable):
+    raise ValueError("the trainable rules select no parameter at all")
+  schedule = make_schedule(config.optim, steps_per_epoch, total_epochs)
+  tx = make_optimizer(config.optim, schedule, trainable)
+  replicated = shd.replicated(mesh)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
+  state = dict(trainable=trainable, opt=opt_state,
+               step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+  return Setup(config, method, mesh, masks, frozen, state, tx, schedule, train_data,
+               steps_per_epoch, total_epochs, counts)
+
+
+def make_update(method: Method, tx: optax.GradientTransformation, schedule, accum_steps: int = 1):
+  """The pure optimisation step ``(state, frozen, batch, rng) -> (state, metrics)``.
+
+  Gradients are taken with respect to the trainable tree only, so frozen weights get neither
+  weight-gradient computation nor optimizer state. ``batch['image']`` is already normalised.
+  """
+  def update(state, frozen, batch, rng):
+    def loss_fn(trainable):
+      return method.loss(tr.combine(trainable, frozen), batch, rng)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
+    updates, opt = tx.update(grads, state["opt"], state["trainable"])
+    new_trainable = optax.apply_updates(state["trainable"], updates)
+    metrics = dict(metrics, lr=schedule(state["step"] // accum_steps),
+                   grad_norm=optax.global_norm(grads))
+    return dict(trainable=new_trainable, opt=opt, step=state["step"] + 1), metrics
+
+  return update
+
+
+def make_train_step(s: Setup) -> Callable:
+  """``(state, frozen, data) -> (state, metrics)``, jit-compiled with the state donated.
+
+  ``data`` is the device-resident train set (the batch is gathered inside the step from
+  (seed, step)) or, for streamed inputs, the batch itself.
+  """
+  config = s.config
+  normalize = inputs.normalizer(config.data.normalization)
+  update = make_update(s.method, s.tx, s.schedule, config.optim.accum_steps)
+  seed_key = jax.random.key(config.seed)
+
+  def step_fn(state, frozen, data):
+    step = state["step"]
+    batch = s.train_data.batch_in_step(data, config.seed, step, s.steps_per_epoch,
+                                       config.batch_size)
+    batch = dict(batch, image=normalize(batch["image"]))
+    return update(state, frozen, batch, jax.random.fold_in(seed_key, step))
+
+  replicated = shd.replicated(s.mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, s.state)
+  return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, replicated))
+
+
+def make_eval_step(s: Setup) -> Callable:
+  normalize = inputs.normalizer(s.config.data.normalization)
+
+  def eval_fn(trainable, frozen, batch):
+    logits = s.method.predict(tr.combine(trainable, frozen), normalize(batch["image"]))
+    correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
+    return jnp.sum(correct.astype(jnp.int32)), jnp.sum(batch["mask"].astype(jnp.int32))
+
+  return jax.jit(eval_fn, out_shardings=shd.replicated(s.mesh))
+
+
+def evaluate(s: Setup, eval_step, trainable, eval_data: inputs.EvalData) -> dict[str, float]:
+  """Top-1 (%) of the evaluated model over the whole eval split, each example once."""
+  correct = jnp.zeros((), jnp.int32)
+  seen = jnp.zeros((), jnp.int32)
+  for batch in eval_data.batches():
+    c, n = eval_step(trainable, s.frozen, batch)
+    correct, seen = correct + c, seen + n
+  correct, seen = int(correct), int(seen)
+  if seen != eval_data.num_examples:
+    raise RuntimeError(f"evaluation counted {seen} examples, expected {eval_data.num_examples}")
+  return {"top1": 100.0 * correct / max(seen, 1), "eval_examples": seen}
+
+
+def _restore_or_init(s: Setup, ckpt: Checkpointer, step: int | None = None):
+  abstract = abstract_like(s.state, shd.replicated(s.mesh))
+  state, meta = ckpt.restore(step, abstract)
+  return state, meta
+
+
+def _fetch(pending: list[dict]) -> dict[str, float]:
+  """One device->host transfer for all metrics since the last log point; their means."""
+  host = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the run summary."""
+  t_start = time.time()
+  s = setup(config, workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+  writer = MetricWriter(workdir)
+  meta = {"best_top1": None, "best_epoch": None, "last_top1": None, "history": []}
+  if ckpt.latest_step() is not None:
+    s.state, meta = _restore_or_init(s, ckpt)
+    logging.info("resumed from step %d in %s", int(s.state["step"]), ckpt.directory)
+  start_step = int(s.state["step"])
+
+  train_step = make_train_step(s)
+  eval_data = None
+  if s.method.eval_model is not None and config.eval_every_epochs > 0:
+    eval_data = inputs.build_eval(config, s.mesh, workdir)
+    eval_step = make_eval_step(s)
+  data = s.train_data.resident
+
+  progress = None
+  if config.progress_bar and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    progress = tqdm(total=s.total_steps, initial=start_step, desc=config.method,
+                    dynamic_ncols=True)
+  pending: list[dict] = []
+  t_log, step_log = time.time(), start_step
+  last_good_step = ckpt.latest_step()
+  try:
+    for step in range(start_step, s.total_steps):
+      if data is None:
+        data = s.train_data.stream_batch(step, s.steps_per_epoch, config.batch_size)
+      s.state, metrics = train_step(s.state, s.frozen, data)
+      if s.train_data.resident is None:
+        data = None
+      pending.append(metrics)
+      done = step + 1
+      epoch_end = done % s.steps_per_epoch == 0
+      stop_now = config.stop_after_steps and done >= config.stop_after_steps
+      if done % config.log_every_steps == 0 or epoch_end or stop_now or done == s.total_steps:
+        logged = _fetch(pending)
+        pending = []
+        if not math.isfinite(logged["loss"]):
+          raise NonFiniteLossError(
+              f"non-finite loss {logged['loss']} between steps {step_log} and {done}; stopping. "
+              f"The last good checkpoint (step {last_good_step}) is kept in {ckpt.directory}")
+        now = time.time()
+        logged["images_per_s"] = (done - step_log) * config.batch_size / max(now - t_log, 1e-9)
+        logged["epoch"] = done / s.steps_per_epoch
+        t_log, step_log = now, done
+        writer.write(done, logged)
+        if progress is not None:
+          progress.update(done - progress.n)
+          progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
+                               img_s=f"{logged['images_per_s']:.0f}")
+      if epoch_end or done == s.total_steps:
+        epoch = done // s.steps_per_epoch
+        if eval_data is not None and (epoch % config.eval_every_epochs == 0
+                                      or done == s.total_steps):
+          result = evaluate(s, eval_step, s.state["trainable"], eval_data)
+          meta["last_top1"] = result["top1"]
+          if meta["best_top1"] is None or result["top1"] > meta["best_top1"]:
+            meta["best_top1"], meta["best_epoch"] = result["top1"], epoch
+          meta["history"].append([epoch, result["top1"]])
+          writer.write(done, {"test_top1": result["top1"], "best_top1": meta["best_top1"],
+                              "epoch": epoch})
+          logging.info("epoch %d: test top-1 %.2f%% (best %.2f%% at epoch %d)", epoch,
+                       result["top1"], meta["best_top1"], meta["best_epoch"])
+        if epoch % config.checkpoint_every_epochs == 0 or done == s.total_steps:
+          ckpt.save(done, s.state, meta)
+          last_good_step = done
+      if stop_now:
+        if last_good_step != done:
+          ckpt.save(done, s.state, meta)
+        logging.info("stopping at step %d as asked (config.stop_after_steps)", done)
+        break
+  finally:
+    ckpt.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+
+  finished = int(s.state["step"]) >= s.total_steps
+  summary = dict(
+      task=config.data.task, method=config.method,
+      tuning=config.models.student.tuning.mode, seed=config.seed,
+      best_top1=meta["best_top1"], best_epoch=meta["best_epoch"], last_top1=meta["last_top1"],
+      trainable_params=sum(c[0] for c in s.counts.values()),
+      total_params=sum(c[1] for c in s.counts.values()),
+      epochs=s.total_epochs, wall_time_s=round(time.time() - t_start, 2),
+      workdir=os.path.abspath(workdir), finished=finished, counts=s.counts)
+  if finished:
+    append_result(os.path.join(workdir, "results.csv"), summary)
+  return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """``mode=eval``: restores a checkpoint (latest, or ``config.eval.step``) and evaluates it."""
+  s = setup(config, workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                      create=False) if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
+  if ckpt is None or ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint to evaluate in {os.path.join(workdir, 'checkpoints')}")
+  try:
+    state, meta = _restore_or_init(s, ckpt, config.eval.step)
+  finally:
+    ckpt.close()
+  result = evaluate(s, make_eval_step(s), state["trainable"], inputs.build_eval(config, s.mesh,
+                                                                                  workdir))
+  result.update(step=int(state["step"]), reported_last_top1=meta.get("last_top1"),
+                reported_best_top1=meta.get("best_top1"))
+  logging.info("evaluated step %d: top-1 %.2f%% (the run reported %s)", result["step"],
+               result["top1"], meta.get("last_top1"))
+  return result
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str,
+                   step: int | None = None) -> dict[str, Any]:
+  """Full parameter trees (model name -> tree) of a checkpointed run, on the host."""
+  s = setup(config, workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  try:
+    state, _ = _restore_or_init(s, ckpt, step)
+  finally:
+    ckpt.close()
+  return jax.device_get(tr.combine(state["trainable"], s.frozen))

@@ -1,0 +1,59 @@
+"""Orbax checkpoints of the train state (trainable params, optimizer state, step) + JSON meta.
+
+Frozen backbones are not saved: they are re-read from their pretrained files, as big_vision's
+distillation trainer does for its teachers. Restores always go through abstract
+``ShapeDtypeStruct`` targets that carry the *current* shardings, so a checkpoint written on
+8 devices restores on 1 (and vice versa).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Sharding
+
+
+def abstract_like(tree: Any, sharding: Sharding) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+class Checkpointer:
+  """Thin wrapper over ``ocp.CheckpointManager`` with items ``state`` and ``meta``."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2, create: bool = True):
+    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(
+          f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

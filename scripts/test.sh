@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs everything the tests need into .venv and runs the whole test suite (CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh test
+exec "${VENV:-.venv}/bin/python" -m pytest -q tests "$@"

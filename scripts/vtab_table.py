@@ -1,0 +1,124 @@
+"""Paper-style VTAB-1K table from the ``results.csv`` files of one or more sweeps.
+
+    python scripts/vtab_table.py runs/idat runs/adapter --out runs/table [--metric best_top1]
+
+Each positional argument is a sweep directory (as written by scripts/run_vtab.sh); its rows
+are averaged over seeds per task. Prints Markdown, writes ``<out>.md``, ``<out>.csv`` and a
+bar chart ``<out>.png``. Means: per group (Natural / Specialized / Structured), the mean of the
+19 tasks, and the mean of the three group means (papers use either; both are shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+# The iDAT/SSF CSV column order.
+ORDER = {
+    "Natural": ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn",
+                "sun397"],
+    "Specialized": ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"],
+    "Structured": ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
+                   "smallnorb_azi", "smallnorb_ele"],
+}
+SHORT = {"cifar": "cifar100", "oxford_flowers102": "flowers102", "oxford_iiit_pet": "pets",
+         "patch_camelyon": "camelyon", "diabetic_retinopathy": "retinopathy"}
+
+
+def read_sweep(root: str, metric: str) -> tuple[dict[str, float], dict[str, int], float]:
+  """Task -> mean metric over seeds, task -> number of seeds, mean trainable params (M)."""
+  values: dict[str, list[float]] = defaultdict(list)
+  params: list[float] = []
+  files = sorted(glob.glob(os.path.join(root, "**", "results.csv"), recursive=True))
+  if not files:
+    raise FileNotFoundError(f"no results.csv under {root}")
+  for path in files:
+    with open(path, newline="", encoding="utf-8") as f:
+      for row in csv.DictReader(f):
+        if row.get(metric) in (None, ""):
+          raise ValueError(f"{path}: column {metric!r} is empty or missing")
+        values[row["task"]].append(float(row[metric]))
+        params.append(float(row["trainable_params"]))
+  means = {t: float(np.mean(v)) for t, v in values.items()}
+  counts = {t: len(v) for t, v in values.items()}
+  return means, counts, float(np.mean(params)) / 1e6 if params else float("nan")
+
+
+def table_rows(sweeps: dict[str, tuple[dict[str, float], dict[str, int], float]]):
+  header = ["method", "params (M)"]
+  for group, tasks in ORDER.items():
+    header += [SHORT.get(t, t) for t in tasks] + [group]
+  header += ["mean (19 tasks)", "mean (3 groups)"]
+  rows = []
+  for label, (means, _, params) in sweeps.items():
+    row: list = [label, f"{params:.3f}"]
+    group_means = []
+    all_vals = []
+    for group, tasks in ORDER.items():
+      vals = [means.get(t) for t in tasks]
+      row += ["" if v is None else f"{v:.1f}" for v in vals]
+      present = [v for v in vals if v is not None]
+      all_vals += present
+      gm = float(np.mean(present)) if len(present) == len(tasks) else None
+      group_means.append(gm)
+      row.append("" if gm is None else f"{gm:.1f}")
+    complete = len(all_vals) == 19
+    row.append(f"{np.mean(all_vals):.1f}" if complete else f"({len(all_vals)}/19)")
+    row.append(f"{np.mean(group_means):.1f}" if complete else "")
+    rows.append(row)
+  return header, rows
+
+
+def to_markdown(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def bar_chart(sweeps, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  tasks = [t for group in ORDER.values() for t in group]
+  fig, ax = plt.subplots(figsize=(16, 5))
+  width = 0.8 / max(len(sweeps), 1)
+  for i, (label, (means, _, _)) in enumerate(sweeps.items()):
+    xs = np.arange(len(tasks)) + i * width
+    ax.bar(xs, [means.get(t, 0.0) for t in tasks], width, label=label)
+  ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
+  ax.set_xticklabels([SHORT.get(t, t) for t in tasks], rotation=60, ha="right")
+  ax.set_ylabel("top-1 (%)")
+  ax.set_title("VTAB-1K")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("sweeps", nargs="+", help="sweep directories (label = directory name)")
+  parser.add_argument("--metric", default="best_top1", choices=["best_top1", "last_top1"])
+  parser.add_argument("--out", default="vtab_table", help="output prefix (.md/.csv/.png)")
+  args = parser.parse_args(argv)
+  sweeps = {os.path.basename(os.path.normpath(s)): read_sweep(s, args.metric) for s in args.sweeps}
+  header, rows = table_rows(sweeps)
+  md = to_markdown(header, rows)
+  print(md)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out + ".md", "w", encoding="utf-8") as f:
+    f.write(md + "\n")
+  with open(args.out + ".csv", "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows([header] + rows)
+  bar_chart(sweeps, args.out + ".png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
