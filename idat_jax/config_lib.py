@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = FieldRef(None, field_type=int)  # use only the first N devices (tests)
 
   c.data = ml_collections.ConfigDict(dict(
-      backend="folder",          # folder | tfds
+      backend="folder",          # folder | tfds | image_folder | tfds_images
       root="",                   # folder backend: <root>/<task>/{train800val200,test}.txt
       tfds_data_dir="",          # tfds backend: prepared TFDS data dir ('' = TFDS default)
       task="dtd",
@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=224,
       normalization="inception",  # inception: (x/255-0.5)/0.5 ; imagenet: ImageNet mean/std
       cache_dir="",              # decoded+resized uint8 cache ('' = <workdir>/../cache)
+      augment=False,             # streamed RandomResizedCrop + flip (WeCoLoRA distillation)
+      crop_scale=(0.2, 1.0),
+      few_shot_ratio=1.0,        # image_folder / tfds_images: class-balanced fraction kept
+      few_shot_seed=12,
       eval_resident_mb=1024,     # keep the eval set on device when it fits this budget
   ))
 
@@ -104,6 +108,20 @@ def base_config() -> ml_collections.ConfigDict:
       distill_loss="mse",        # mse (released script) | kl (KL(p_t||p_s) at temperature)
       temperature=5.0,
       student_weight=1.0, teacher_weight=1.0, distill_weight=1.0,
+  ))
+
+  c.wecolora = ml_collections.ConfigDict(dict(
+      reduction=2,               # r: the student keeps teacher blocks 0, r, 2r, ...
+      student="lora",            # lora (WeCoLoRA) | weco_kd (copied, fully trained) | no_copy
+      loss="last",               # last: last block vs last block | segments: block k vs r*k+r-1
+      feature="auto",            # auto (pre_norm for lora, post_norm for the baselines) |
+                                 # pre_norm | post_norm
+      export_merged=True,        # write <workdir>/student_merged.npz (LoRA folded in) at the end
+  ))
+  c.probe = ml_collections.ConfigDict(dict(
+      reduction=2,               # the probed backbone keeps teacher blocks 0, r, ... (1: teacher)
+      student_run="",            # a wecolora work dir whose student weights are merged in
+      student_step=FieldRef(None, field_type=int),  # its checkpoint step (None: latest)
   ))
 
   c.batch_size = 64              # global, drop-last

@@ -142,6 +142,8 @@ def format_table(results: dict[str, dict]) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from idat_jax.training.metrics import quiet_library_logs
+  quiet_library_logs()
   run_demo(_WORKDIR.value, seed=_SEED.value, epochs=_EPOCHS.value)
 
 

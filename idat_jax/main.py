@@ -27,6 +27,8 @@ def main(argv) -> None:
   import jax
   from idat_jax import sharding, train
 
+  from idat_jax.training.metrics import quiet_library_logs
+  quiet_library_logs()
   jax.config.update("jax_threefry_partitionable", True)
   sharding.initialize_distributed(config.distributed)
   if jax.process_index() == 0:

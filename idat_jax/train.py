@@ -14,7 +14,6 @@ optimizer and schedule, and runs the loop on a ``data`` mesh:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -29,9 +28,10 @@ from absl import logging
 
 from idat_jax import checkpoints as ckpt_io
 from idat_jax import sharding as shd
+from idat_jax.data import pipeline
 from idat_jax.methods import Method, build_method
-from idat_jax.models import init_params
-from idat_jax.training import inputs, optim, schedules, trainable as tr
+from idat_jax.models import dummy_images
+from idat_jax.training import features, inputs, optim, schedules, trainable as tr
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
 from idat_jax.training.metrics import MetricWriter, append_result
 
@@ -55,19 +55,34 @@ class Setup:
   steps_per_epoch: int
   total_epochs: int
   counts: dict[str, tuple[int, int]]
+  eval_data: Any = None  # cached features (feature methods); else built by build_eval
+
+  def get_eval_data(self, workdir: str):
+    if self.eval_data is None:
+      self.eval_data = inputs.build_eval(self.config, self.mesh, workdir)
+    return self.eval_data
 
   @property
   def total_steps(self) -> int:
     return self.steps_per_epoch * self.total_epochs
 
 
-def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict]:
-  """Initialises every model, merges its pretrained file, applies its trainable rules."""
-  params, masks, counts = {}, {}, {}
+def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict, dict]:
+  """Initialises every model, merges its pretrained file, applies its trainable rules.
+
+  Returns parameters, trainable masks, (trainable, total) counts per model, and the models'
+  other variable collections (e.g. BatchNorm statistics), which become ``state['extra']``.
+  """
+  params, masks, counts, extras = {}, {}, {}, {}
   replicated = shd.replicated(mesh)
   for i, (name, spec) in enumerate(method._specs().items()):
-    init = jax.jit(functools.partial(init_params, spec.module), out_shardings=replicated)(
-        jax.random.fold_in(rng, i))
+    example = spec.example_input if spec.example_input is not None else dummy_images(spec.module)
+    variables = jax.jit(spec.module.init, out_shardings=replicated)(
+        jax.random.fold_in(rng, i), example)
+    init = variables["params"]
+    collections = {k: v for k, v in variables.items() if k != "params"}
+    if collections:
+      extras[name] = collections
     if spec.checkpoint:
       if "://" not in spec.checkpoint and not os.path.exists(spec.checkpoint):
         raise FileNotFoundError(
@@ -86,7 +101,7 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict]
     masks[name] = tr.trainable_mask(init, spec.trainable)
     logging.info("%s", tr.parameter_report(init, masks[name], name))
     counts[name] = (tr.count_params(tr.partition(init, masks[name])[0]), tr.count_params(init))
-  return params, masks, counts
+  return params, masks, counts, extras
 
 
 def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -128,17 +143,31 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   shd.check_batch_size(config.batch_size, mesh)
   shd.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
   method = build_method(config)
-  train_data = inputs.build_train(config, mesh, workdir)
-  steps_per_epoch = train_data.num_examples // config.batch_size
+  caches_features = getattr(method, "features_from", None) is not None
+  if caches_features:
+    train_source = inputs.build_source(config, config.data.train_split)
+    num_examples, num_classes = len(train_source), train_source.num_classes
+  else:
+    train_data = inputs.build_train(config, mesh, workdir)
+    num_examples, num_classes = train_data.num_examples, train_data.num_classes
+  if config.data.num_classes is None:
+    config.data.num_classes = num_classes
+  steps_per_epoch = num_examples // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f"batch size {config.batch_size} exceeds the {train_data.num_examples} "
+    raise ValueError(f"batch size {config.batch_size} exceeds the {num_examples} "
                      "training examples (drop-last leaves no step)")
   if steps_per_epoch % config.optim.accum_steps:
     # Leftover micro-batches of an epoch are dropped, as in the reference.
     steps_per_epoch -= steps_per_epoch % config.optim.accum_steps
+    if not steps_per_epoch:
+      raise ValueError(f"an epoch has fewer than optim.accum_steps={config.optim.accum_steps} "
+                       "micro-batches")
   total_epochs = config.optim.epochs + config.optim.cooldown_epochs
 
-  params, masks, counts = load_models(method, jax.random.key(config.seed), mesh)
+  params, masks, counts, extras = load_models(method, jax.random.key(config.seed), mesh)
+  eval_data = None
+  if caches_features:
+    train_data, eval_data = cache_features(config, mesh, workdir, method, params, train_source)
   trainable, frozen = tr.partition(params, masks)
   if not jax.tree.leaves(trainable):
     raise ValueError("the trainable rules select no parameter at all")
@@ -147,9 +176,31 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   replicated = shd.replicated(mesh)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
   state = dict(trainable=trainable, opt=opt_state,
-               step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+               step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+               extra=extras)
   return Setup(config, method, mesh, masks, frozen, state, tx, schedule, train_data,
-               steps_per_epoch, total_epochs, counts)
+               steps_per_epoch, total_epochs, counts, eval_data)
+
+
+def cache_features(config, mesh, workdir, method: Method, params, train_source):
+  """Runs the method's frozen feature model once over the train and eval splits."""
+  normalize = inputs.normalizer(config.data.normalization)
+  cache = inputs.cache_dir(config, workdir)
+  data = {}
+  for split, source in (("train", train_source),
+                        ("eval", inputs.build_source(config, config.data.eval_split))):
+    batches = pipeline.EvalIterator(
+        source, config.data.image_size, config.eval_batch_size, mesh,
+        resident_budget_bytes=0, cache_dir=cache)
+    t0 = time.time()
+    data[split] = features.extract(method.features, params, batches, normalize)
+    logging.info("cached %d %s features of dim %d in %.1f s", data[split][0].shape[0], split,
+                 data[split][0].shape[1], time.time() - t0)
+  resident = pipeline.put_resident_train(*data["train"], mesh)
+  train_data = inputs.TrainData(resident.num_examples, train_source.num_classes,
+                                resident=resident, kind="feature")
+  eval_data = features.FeatureEval.create(*data["eval"], config.eval_batch_size, mesh)
+  return train_data, eval_data
 
 
 def make_update(method: Method, tx: optax.GradientTransformation, schedule, accum_steps: int = 1):
@@ -159,15 +210,22 @@ def make_update(method: Method, tx: optax.GradientTransformation, schedule, accu
   weight-gradient computation nor optimizer state. ``batch['image']`` is already normalised.
   """
   def update(state, frozen, batch, rng):
-    def loss_fn(trainable):
-      return method.loss(tr.combine(trainable, frozen), batch, rng)
+    extra = state.get("extra", {})
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
+    def loss_fn(trainable):
+      loss, metrics, new_extra = method.loss(tr.combine(trainable, frozen), batch, rng, extra)
+      return loss, (metrics, new_extra)
+
+    (_, (metrics, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["trainable"])
     updates, opt = tx.update(grads, state["opt"], state["trainable"])
     new_trainable = optax.apply_updates(state["trainable"], updates)
     metrics = dict(metrics, lr=schedule(state["step"] // accum_steps),
                    grad_norm=optax.global_norm(grads))
-    return dict(trainable=new_trainable, opt=opt, step=state["step"] + 1), metrics
+    new_state = dict(trainable=new_trainable, opt=opt, step=state["step"] + 1)
+    if "extra" in state:
+      new_state["extra"] = new_extra
+    return new_state, metrics
 
   return update
 
@@ -187,7 +245,8 @@ def make_train_step(s: Setup) -> Callable:
     step = state["step"]
     batch = s.train_data.batch_in_step(data, config.seed, step, s.steps_per_epoch,
                                        config.batch_size)
-    batch = dict(batch, image=normalize(batch["image"]))
+    if "image" in batch:
+      batch = dict(batch, image=normalize(batch["image"]))
     return update(state, frozen, batch, jax.random.fold_in(seed_key, step))
 
   replicated = shd.replicated(s.mesh)
@@ -198,20 +257,21 @@ def make_train_step(s: Setup) -> Callable:
 def make_eval_step(s: Setup) -> Callable:
   normalize = inputs.normalizer(s.config.data.normalization)
 
-  def eval_fn(trainable, frozen, batch):
-    logits = s.method.predict(tr.combine(trainable, frozen), normalize(batch["image"]))
+  def eval_fn(trainable, frozen, extra, batch):
+    x = normalize(batch["image"]) if "image" in batch else batch["feature"]
+    logits = s.method.predict(tr.combine(trainable, frozen), x, extra)
     correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return jnp.sum(correct.astype(jnp.int32)), jnp.sum(batch["mask"].astype(jnp.int32))
 
   return jax.jit(eval_fn, out_shardings=shd.replicated(s.mesh))
 
 
-def evaluate(s: Setup, eval_step, trainable, eval_data: inputs.EvalData) -> dict[str, float]:
+def evaluate(s: Setup, eval_step, state, eval_data: inputs.EvalData) -> dict[str, float]:
   """Top-1 (%) of the evaluated model over the whole eval split, each example once."""
   correct = jnp.zeros((), jnp.int32)
   seen = jnp.zeros((), jnp.int32)
-  for batch in eval_data.batches():
-    c, n = eval_step(trainable, s.frozen, batch)
+  for batch in eval_data:
+    c, n = eval_step(state["trainable"], s.frozen, state["extra"], batch)
     correct, seen = correct + c, seen + n
   correct, seen = int(correct), int(seen)
   if seen != eval_data.num_examples:
@@ -246,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = make_train_step(s)
   eval_data = None
   if s.method.eval_model is not None and config.eval_every_epochs > 0:
-    eval_data = inputs.build_eval(config, s.mesh, workdir)
+    eval_data = s.get_eval_data(workdir)
     eval_step = make_eval_step(s)
   data = s.train_data.resident
 
@@ -289,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         epoch = done // s.steps_per_epoch
         if eval_data is not None and (epoch % config.eval_every_epochs == 0
                                       or done == s.total_steps):
-          result = evaluate(s, eval_step, s.state["trainable"], eval_data)
+          result = evaluate(s, eval_step, s.state, eval_data)
           meta["last_top1"] = result["top1"]
           if meta["best_top1"] is None or result["top1"] > meta["best_top1"]:
             meta["best_top1"], meta["best_epoch"] = result["top1"], epoch
@@ -307,6 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("stopping at step %d as asked (config.stop_after_steps)", done)
         break
   finally:
+    s.train_data.close()
     ckpt.close()
     writer.close()
     if progress is not None:
@@ -322,6 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       epochs=s.total_epochs, wall_time_s=round(time.time() - t_start, 2),
       workdir=os.path.abspath(workdir), finished=finished, counts=s.counts)
   if finished:
+    if jax.process_index() == 0:
+      summary.update(s.method.finalize(
+          jax.device_get(tr.combine(s.state["trainable"], s.frozen)), workdir))
     append_result(os.path.join(workdir, "results.csv"), summary)
   return summary
 
@@ -337,8 +401,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, meta = _restore_or_init(s, ckpt, config.eval.step)
   finally:
     ckpt.close()
-  result = evaluate(s, make_eval_step(s), state["trainable"], inputs.build_eval(config, s.mesh,
-                                                                                  workdir))
+  result = evaluate(s, make_eval_step(s), state, s.get_eval_data(workdir))
   result.update(step=int(state["step"]), reported_last_top1=meta.get("last_top1"),
                 reported_best_top1=meta.get("best_top1"))
   logging.info("evaluated step %d: top-1 %.2f%% (the run reported %s)", result["step"],

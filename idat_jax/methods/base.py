@@ -30,13 +30,15 @@ class ModelSpec:
   heads, PEFT weights); ``load_transform`` rewrites the loaded tree first (e.g. WeCoLoRA's
   weight copy); ``trainable`` are ordered (regex, bool) rules, first match wins.
   """
-  module: VisionTransformer
+  module: Any  # usually a VisionTransformer
   checkpoint: str
   trainable: Sequence[tuple[str, bool]]
   init_only: Sequence[str] = ()
   ignore_unexpected: Sequence[str] = ()
   load_transform: Callable[[Params], Params] | None = None
   num_heads: int | None = None
+  # Input used to initialise the module (default: one image of the ViT's size).
+  example_input: Any = None
 
 
 class Method:
@@ -51,17 +53,26 @@ class Method:
   def models(self) -> dict[str, ModelSpec]:
     raise TypeError(f"{type(self).__name__} must define models()")
 
-  def loss(self, params: Mapping[str, Params], batch: Batch,
-           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Training loss (scalar) and metrics to log; ``params`` maps model name -> full tree."""
+  def loss(self, params: Mapping[str, Params], batch: Batch, rng: jax.Array,
+           extra: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    """Training loss (scalar), metrics to log, and the updated non-parameter state.
+
+    ``params`` maps model name -> full parameter tree; ``extra`` maps model name -> the
+    module's non-``params`` collections (e.g. BatchNorm statistics), ``{}`` for most methods.
+    """
     raise TypeError(f"{type(self).__name__} must define loss()")
 
-  def predict(self, params: Mapping[str, Params], images: jax.Array) -> jax.Array:
+  def predict(self, params: Mapping[str, Params], images: jax.Array,
+              extra: Mapping[str, Any]) -> jax.Array:
     """Logits of the evaluated model, in eval mode."""
     if self.eval_model is None:
       raise ValueError(f"method {self.name!r} has no classifier to evaluate")
     spec = self._specs()[self.eval_model]
     return spec.module.apply({"params": params[self.eval_model]}, images, train=False)
+
+  def finalize(self, params: Mapping[str, Params], workdir: str) -> dict[str, Any]:
+    """Called once on process 0 after the last step (exports); returns summary entries."""
+    return {}
 
   def _specs(self) -> dict[str, ModelSpec]:
     if not hasattr(self, "_spec_cache"):

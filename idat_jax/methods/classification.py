@@ -29,13 +29,13 @@ class Supervised(Method):
     return {"student": pretrained_spec(c.models.student, num_classes=c.data.num_classes,
                                        image_size=c.data.image_size)}
 
-  def loss(self, params: Mapping[str, Params], batch, rng):
+  def loss(self, params: Mapping[str, Params], batch, rng, extra):
     spec = self._specs()["student"]
     logits = spec.module.apply({"params": params["student"]}, batch["image"], train=True,
                                rngs={"dropout": rng})
     ce = losses.cross_entropy(logits, batch["label"])
     acc = losses.top1_correct(logits, batch["label"]).mean()
-    return ce, {"loss": ce, "ce_student": ce, "train_top1": acc}
+    return ce, {"loss": ce, "ce_student": ce, "train_top1": acc}, extra
 
 
 DISTILL_LOSSES = ("mse", "kl")
@@ -64,7 +64,7 @@ class IDAT(Method):
       return losses.logit_mse(z_s, z_t)
     return losses.kl_teacher_student(z_s, z_t, c.temperature)
 
-  def loss(self, params: Mapping[str, Params], batch, rng):
+  def loss(self, params: Mapping[str, Params], batch, rng, extra):
     specs = self._specs()
     rngs = split_rngs(rng, ("student", "teacher"))
     logits = {
@@ -80,4 +80,4 @@ class IDAT(Method):
         "loss": total, "ce_student": ce_s, "ce_teacher": ce_t, "distill": distill,
         "train_top1": losses.top1_correct(logits["student"], batch["label"]).mean(),
         "train_top1_teacher": losses.top1_correct(logits["teacher"], batch["label"]).mean(),
-    }
+    }, extra

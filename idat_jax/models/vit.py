@@ -180,7 +180,8 @@ class Encoder(nn.Module):
 class VisionTransformer(nn.Module):
   """ViT classifier (``num_classes=0``: a feature extractor with no head).
 
-  ``__call__(images, train=False)`` returns float32 logits; with ``features=True`` it returns
+  ``__call__(images, train=False)`` returns float32 logits (the pooled features when
+  ``num_classes=0``); with ``features=True`` it returns
   a dict with ``blocks`` (each block's output, before the final norm), ``tokens`` (after the
   final norm), ``pooled`` (the pre-logits feature) and ``logits`` (absent without a head).
   """
@@ -236,6 +237,5 @@ class VisionTransformer(nn.Module):
       out["logits"] = logits.astype(jnp.float32)
     if features:
       return out
-    if not self.num_classes:
-      raise ValueError("a model built with num_classes=0 has no logits; call with features=True")
-    return out["logits"]
+    # Without a head the model is a feature extractor (as timm's num_classes=0).
+    return out["logits"] if self.num_classes else pooled.astype(jnp.float32)

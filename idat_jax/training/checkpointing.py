@@ -57,3 +57,28 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def read_checkpoint(directory: str, step: int | None = None) -> dict[str, Any]:
+  """The saved train state of any run as NumPy arrays, without knowing its config.
+
+  Used to read another run's weights (e.g. a distilled student for linear probing): the
+  target structure comes from the checkpoint's own metadata, restored onto one local device.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint directory {directory}")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint (step {step}) in {directory}; available: "
+                              f"{list(manager.all_steps())}")
+    metadata = manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return jax.device_get(restored["state"])
+  finally:
+    manager.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import json
 import os
 from typing import Any, Mapping
@@ -67,3 +68,19 @@ def append_result(path: str, row: Mapping[str, Any]) -> None:
     if new:
       writer.writeheader()
     writer.writerow({k: _plain(row.get(k, "")) for k in RESULT_FIELDS})
+
+
+class _DropLibraryInfo(logging.Filter):
+  """Drops INFO records from Orbax and friends, which log every save/restore in detail."""
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}etils{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or not any(p in record.pathname for p in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  """Keeps our INFO logs readable; library warnings and errors still show."""
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())

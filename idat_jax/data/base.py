@@ -1,0 +1,103 @@
+"""Common pieces of the data backends: errors, the example-source interface, host shares."""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+# A decoded image: an RGB PIL image or an (H, W, 3) uint8 array, at its native size.
+ImageLike = Union[Image.Image, np.ndarray]
+
+
+class DataError(ValueError):
+  """Bad or missing input data. Messages name the file, line, directory or task at fault."""
+
+
+class DataNotPreparedError(DataError):
+  """A TFDS data set (or folder task) is not on disk; the message says how to prepare it."""
+
+
+class UnknownTaskError(DataError, KeyError):
+  """A task name that is neither a registered task nor an alias."""
+
+  def __str__(self) -> str:  # KeyError would quote the message
+    return str(self.args[0]) if self.args else ""
+
+
+class Source(abc.ABC):
+  """Random access to decoded examples (native-size RGB image, int label).
+
+  Backends implement this; caching, device-resident sets, evaluation and streaming all work
+  on any source, reading only the indices the current process needs.
+  """
+
+  name: str = "source"
+  num_classes: int = 0
+
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    """Number of examples."""
+
+  @abc.abstractmethod
+  def get(self, index: int) -> tuple[ImageLike, int]:
+    """Example ``index``: RGB image (PIL or uint8 array) and label in [0, num_classes)."""
+
+  def labels(self) -> np.ndarray:
+    """All labels as int32 (backends override this when labels are cheaper than images)."""
+    return np.asarray([self.get(i)[1] for i in range(len(self))], np.int32)
+
+  def cache_parts(self) -> tuple[str, ...] | None:
+    """Path parts of the disk-cache key (backend, task, split), or None to never cache."""
+    return None
+
+  def fingerprint(self) -> str:
+    """A string that changes when the underlying data changes (part of the cache key)."""
+    return f"{type(self).__name__}:{self.name}:{len(self)}"
+
+  def check_label(self, label: int, where: str) -> int:
+    if not 0 <= label < self.num_classes:
+      raise DataError(f"{where}: label {label} is outside [0, {self.num_classes}) "
+                      f"({self.name} has {self.num_classes} classes)")
+    return int(label)
+
+
+class ArraySource(Source):
+  """In-memory examples, e.g. for tests or data already decoded by other code."""
+
+  def __init__(self, images: np.ndarray, labels: Sequence[int], num_classes: int | None = None,
+               name: str = "arrays"):
+    images = np.asarray(images)
+    labels = np.asarray(labels, np.int32)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+      raise DataError(f"{name}: images must be uint8 (N, H, W, 3), got {images.dtype} "
+                      f"{images.shape}")
+    if labels.shape != (images.shape[0],):
+      raise DataError(f"{name}: {labels.shape[0]} labels for {images.shape[0]} images")
+    self.images, self._labels, self.name = images, labels, name
+    self.num_classes = int(num_classes if num_classes is not None else labels.max(initial=-1) + 1)
+    for i, label in enumerate(labels):
+      self.check_label(int(label), f"{name} example {i}")
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+  def get(self, index: int) -> tuple[ImageLike, int]:
+    return self.images[index], int(self._labels[index])
+
+  def labels(self) -> np.ndarray:
+    return self._labels.copy()
+
+
+def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """Contiguous share ``[start, stop)`` of one process (``tfds.even_splits`` semantics).
+
+  The first ``num_examples % process_count`` processes get one extra example.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  base, extra = divmod(num_examples, process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + (process_index < extra)

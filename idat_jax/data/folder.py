@@ -1,0 +1,130 @@
+"""Folder backend: the VTAB-1K layout that NOAH writes and SSF/iDAT read.
+
+``<root>/<task>/{train800,val200,train800val200,test}.txt``, each line
+``<relative/image/path> <int label>`` with paths relative to ``<root>/<task>``. The iDAT/SSF
+protocol trains on ``train800val200`` and evaluates on ``test``. Errors name the list file and
+line at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from idat_jax.data import preprocess, vtab
+from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source
+
+LIST_LINE_FORMAT = "<relative/image/path> <int label>"
+TASK_METADATA = "task.json"  # optional, written by digits.py: {"num_classes": ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class ListEntry:
+  path: str  # relative to the task dir
+  label: int
+  line: int  # 1-based line number in the list file
+
+
+def read_list_file(list_file: str) -> list[ListEntry]:
+  """Parses a ``<path> <label>`` list file; blank lines are skipped."""
+  if not os.path.isfile(list_file):
+    raise DataNotPreparedError(
+        f"list file {list_file} does not exist. A VTAB folder task needs "
+        f"<root>/<task>/{{{','.join(vtab.SPLITS)}}}.txt with lines '{LIST_LINE_FORMAT}' "
+        "(the NOAH/SSF layout); export one from TFDS with "
+        "python scripts/prepare_vtab.py --tasks <task> --export_folder <root>")
+  entries = []
+  with open(list_file, encoding="utf-8") as f:
+    for lineno, raw in enumerate(f, start=1):
+      line = raw.strip()
+      if not line:
+        continue
+      parts = line.rsplit(maxsplit=1)
+      if len(parts) != 2:
+        raise DataError(f"{list_file}:{lineno}: malformed line {line!r}; expected "
+                        f"'{LIST_LINE_FORMAT}'")
+      path, label = parts
+      try:
+        label_value = int(label)
+      except ValueError:
+        raise DataError(f"{list_file}:{lineno}: malformed line {line!r}; label {label!r} is "
+                        f"not an integer (expected '{LIST_LINE_FORMAT}')") from None
+      entries.append(ListEntry(path=path, label=label_value, line=lineno))
+  return entries
+
+
+def task_dir_name(task: str) -> str:
+  """Folder of a task: the registry's folder name for tasks and aliases, else as given."""
+  return vtab.canonical_name(task) if vtab.is_registered(task) else task
+
+
+def folder_num_classes(task_dir: str, task: str) -> int:
+  """Number of classes: ``task.json``, else the registry, else the largest listed label + 1."""
+  meta = os.path.join(task_dir, TASK_METADATA)
+  if os.path.isfile(meta):
+    with open(meta, encoding="utf-8") as f:
+      return int(json.load(f)["num_classes"])
+  if vtab.is_registered(task):
+    return vtab.get_task(task).num_classes
+  labels = []
+  for split in vtab.SPLITS:
+    list_file = os.path.join(task_dir, f"{split}.txt")
+    if os.path.isfile(list_file):
+      labels.extend(e.label for e in read_list_file(list_file))
+  if not labels:
+    raise DataNotPreparedError(f"no list files ({', '.join(vtab.SPLITS)}.txt) in {task_dir}")
+  return max(labels) + 1
+
+
+class FolderTaskSource(Source):
+  """One split of a VTAB-style folder task."""
+
+  def __init__(self, root: str, task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT,
+               num_classes: int | None = None):
+    self.task = task_dir_name(task)
+    self.split = split
+    self.task_dir = os.path.join(os.fspath(root), self.task)
+    if not os.path.isdir(self.task_dir):
+      raise DataNotPreparedError(
+          f"folder task directory {self.task_dir} does not exist (root {root}, task {task!r}). "
+          "Export VTAB tasks from TFDS with python scripts/prepare_vtab.py --tasks <task> "
+          "--export_folder <root>, or write the embedded digits task with "
+          "idat_jax.data.write_digits_task(<root>)")
+    self.list_file = os.path.join(self.task_dir, f"{split}.txt")
+    self.entries = read_list_file(self.list_file)
+    if not self.entries:
+      raise DataError(f"{self.list_file}: no examples listed")
+    self.num_classes = int(num_classes or folder_num_classes(self.task_dir, self.task))
+    for e in self.entries:
+      self.check_label(e.label, f"{self.list_file}:{e.line}")
+    self.name = f"folder:{self.task}/{split}"
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def image_path(self, index: int) -> str:
+    return os.path.join(self.task_dir, self.entries[index].path)
+
+  def get(self, index: int) -> tuple[ImageLike, int]:
+    entry = self.entries[index]
+    path = os.path.join(self.task_dir, entry.path)
+    try:
+      image = preprocess.load_image_file(path)
+    except Exception as e:  # missing, truncated or not an image: name the list line
+      raise DataError(f"{self.list_file}:{entry.line}: cannot read image {path}: "
+                      f"{type(e).__name__}: {e}") from e
+    return image, entry.label
+
+  def labels(self) -> np.ndarray:
+    return np.asarray([e.label for e in self.entries], np.int32)
+
+  def cache_parts(self) -> tuple[str, ...]:
+    return ("folder", self.task, self.split)
+
+  def fingerprint(self) -> str:
+    stat = os.stat(self.list_file)
+    return (f"folder:{os.path.abspath(self.list_file)}:{stat.st_size}:{stat.st_mtime_ns}:"
+            f"{len(self.entries)}:{self.num_classes}")

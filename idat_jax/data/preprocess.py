@@ -1,0 +1,129 @@
+"""Image preprocessing: iDAT/SSF direct resize, on-device normalisation, WeCoLoRA augmentation.
+
+* iDAT/SSF (the default): PIL bicubic resize straight to size x size (aspect ratio not kept,
+  no crop, no flip), done once on the host; uint8 goes to the device and :func:`normalize`
+  maps it to [-1, 1] (mean = std = 0.5, timm's "inception" statistics) inside jit.
+* WeCoLoRA distillation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) and a
+  horizontal flip with p = 0.5 on the host, deterministic from (seed, epoch, index), then
+  ImageNet mean/std on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from idat_jax.data.base import ImageLike
+
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# "inception" gives [-1, 1] (iDAT, SSF, timm ViT defaults); "imagenet" is NOAH's and WeCoLoRA's.
+NORMALIZATIONS = {
+    "inception": (INCEPTION_MEAN, INCEPTION_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+# Extensions that torchvision's ImageFolder accepts (compared case-insensitively).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) of a named normalisation: 'inception' ([-1, 1]) or 'imagenet'."""
+  if name not in NORMALIZATIONS:
+    raise ValueError(f"unknown normalization {name!r}; valid: {', '.join(NORMALIZATIONS)}")
+  return NORMALIZATIONS[name]
+
+
+def normalize(images: jax.Array | np.ndarray, mean: Sequence[float] | str = INCEPTION_MEAN,
+              std: Sequence[float] | None = None, dtype: Any = jnp.float32) -> jax.Array:
+  """uint8 [..., 3] -> float ``(x / 255 - mean) / std``; jittable, runs on the device.
+
+  ``mean`` may also be a name from :data:`NORMALIZATIONS` (then ``std`` is taken from it).
+  Defaults give [-1, 1] as iDAT/SSF (mean = std = 0.5).
+  """
+  if isinstance(mean, str):
+    if std is not None:
+      raise ValueError("give either a normalization name or mean and std, not both")
+    mean, std = normalization_stats(mean)
+  elif std is None:
+    std = INCEPTION_STD
+  mean_arr = jnp.asarray(mean, dtype)
+  std_arr = jnp.asarray(std, dtype)
+  return (jnp.asarray(images).astype(dtype) / 255.0 - mean_arr) / std_arr
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+  """An RGB PIL image from a PIL image or an (H, W, 3) uint8 array."""
+  if isinstance(image, Image.Image):
+    return image if image.mode == "RGB" else image.convert("RGB")
+  array = np.asarray(image)
+  if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(f"expected an (H, W, 3) uint8 image, got {array.dtype} {array.shape}")
+  return Image.fromarray(array, "RGB")
+
+
+def load_image_file(path: str | os.PathLike) -> Image.Image:
+  """Decodes an image file to RGB like torchvision's default loader (``convert('RGB')``)."""
+  with Image.open(path) as image:
+    return image.convert("RGB")
+
+
+def resize(image: ImageLike, size: int) -> np.ndarray:
+  """Direct bicubic resize to size x size (iDAT/SSF ``transforms_direct_resize``), uint8."""
+  pil = to_pil(image)
+  if pil.size != (size, size):
+    pil = pil.resize((size, size), Image.BICUBIC)
+  return np.asarray(pil, np.uint8)
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.2, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                            ) -> tuple[int, int, int, int]:
+  """(left, top, w, h) of torchvision's RandomResizedCrop: 10 tries, then a centre crop."""
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return left, top, w, h
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (width - w) // 2, (height - h) // 2, w, h
+
+
+def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The generator of one example's augmentation: a pure function of (seed, epoch, index)."""
+  return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+def random_resized_crop_flip(image: ImageLike, size: int, rng: np.random.Generator,
+                             scale: tuple[float, float] = (0.2, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                             flip_prob: float = 0.5) -> np.ndarray:
+  """WeCoLoRA's train transform (RandomResizedCrop bicubic + horizontal flip), uint8 out."""
+  pil = to_pil(image)
+  left, top, w, h = random_resized_crop_box(pil.width, pil.height, rng, scale, ratio)
+  pil = pil.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+  if rng.random() < flip_prob:
+    pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.asarray(pil, np.uint8)

@@ -1,0 +1,253 @@
+"""WeCoLoRA: weight-copied student + LoRA feature distillation, then linear probing.
+
+``wecolora`` (methods.md B.3-B.7): the student keeps the teacher's blocks ``0, r, 2r, ...``
+(patch embedding, class token, position embedding and final norm copied too), all copied
+weights frozen, LoRA on the kept blocks. Loss: mean L1 between the teacher's and the
+student's last-block outputs before the final norm, over all tokens; the teacher runs in the
+same jit step under ``stop_gradient``. Baselines: ``weco_kd`` (copied student trained fully,
+loss after the final norm) and ``no_copy`` (random shallow student, same loss as weco_kd).
+
+``linear_probe`` (B.9): a frozen backbone (teacher, or teacher + a distilled student's
+weights) gives the class token after the final norm, computed once and cached on the device;
+BatchNorm without affine + a linear head train on the cache with LARS.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from idat_jax import checkpoints as ckpt_io
+from idat_jax.methods import losses
+from idat_jax.methods.base import Method, ModelSpec, Params, build_model, register
+from idat_jax.models import PEFT_PATTERN, merge_lora, variant_kwargs
+from idat_jax.training import trainable as tr
+
+STUDENTS = ("lora", "weco_kd", "no_copy")
+DISTILL_LOSSES = ("last", "segments")
+FEATURES = ("auto", "pre_norm", "post_norm")
+
+
+def teacher_depth(mcfg: ml_collections.ConfigDict) -> int:
+  depth = mcfg.depth if mcfg.depth is not None else variant_kwargs(mcfg.variant).get("depth")
+  if not depth:
+    raise ValueError("the teacher's depth is unknown: set models.teacher.variant or .depth")
+  return int(depth)
+
+
+def kept_block_count(depth: int, reduction: int) -> int:
+  if reduction < 1:
+    raise ValueError(f"reduction factor r={reduction} must be >= 1 (r keeps blocks 0, r, 2r, ...)")
+  if depth < 1:
+    raise ValueError(f"the teacher has {depth} blocks: weight copy leaves no block")
+  return len(range(0, depth, reduction))
+
+
+def segment_ends(student_depth: int, reduction: int, teacher_blocks: int) -> list[int]:
+  """Teacher block matched with student block k: the end of segment k, r*k + r - 1.
+
+  The reference indexes ``teacher[1::r]``, which is the segment end only for r = 2; this is
+  the consistent form for every r (clamped to the teacher's last block).
+  """
+  return [min(reduction * k + reduction - 1, teacher_blocks - 1) for k in range(student_depth)]
+
+
+def _updated(mcfg: ml_collections.ConfigDict, **updates) -> ml_collections.ConfigDict:
+  """An unlocked copy of a config block with some fields replaced."""
+  out = ml_collections.ConfigDict(mcfg.to_dict())
+  for key, value in updates.items():
+    out[key] = value
+  return out
+
+
+@register
+class WeCoLoRA(Method):
+  name = "wecolora"
+  eval_model = None
+
+  def __init__(self, config):
+    super().__init__(config)
+    w = config.wecolora
+    if w.student not in STUDENTS:
+      raise ValueError(f"unknown wecolora.student {w.student!r}; expected one of {STUDENTS}")
+    if w.loss not in DISTILL_LOSSES:
+      raise ValueError(f"unknown wecolora.loss {w.loss!r}; expected one of {DISTILL_LOSSES}")
+    if w.feature not in FEATURES:
+      raise ValueError(f"unknown wecolora.feature {w.feature!r}; expected one of {FEATURES}")
+    self.teacher_blocks = teacher_depth(config.models.teacher)
+    self.student_blocks = kept_block_count(self.teacher_blocks, w.reduction)
+    width = config.models.teacher.width or variant_kwargs(config.models.teacher.variant)["width"]
+    if w.student == "lora" and config.models.student.tuning.lora_rank > width:
+      raise ValueError(f"LoRA rank {config.models.student.tuning.lora_rank} is larger than the "
+                       f"width {width}: a low-rank update cannot exceed the matrix rank")
+
+  @property
+  def feature_point(self) -> str:
+    w = self.config.wecolora
+    if w.feature != "auto":
+      return w.feature
+    return "pre_norm" if w.student == "lora" else "post_norm"
+
+  def models(self) -> dict[str, ModelSpec]:
+    c, w = self.config, self.config.wecolora
+    tcfg = c.models.teacher
+    image_size = c.data.image_size
+    teacher, _ = build_model(_updated(tcfg, tuning=_updated(tcfg.tuning, mode="full")),
+                             num_classes=0, image_size=image_size)
+    no_head = ("head/.*", "pre_logits/.*")
+    specs = {"teacher": ModelSpec(teacher, tcfg.checkpoint, [(".*", False)],
+                                  ignore_unexpected=no_head, num_heads=teacher.num_heads)}
+    mode = "lora" if w.student == "lora" else "full"
+    scfg = _updated(tcfg, depth=self.student_blocks, drop_path=c.models.student.drop_path,
+                        tuning=_updated(c.models.student.tuning, mode=mode,
+                                            train_head=False))
+    student, rules = build_model(scfg, num_classes=0, image_size=image_size)
+    copy = w.student != "no_copy"
+    specs["student"] = ModelSpec(
+        student, tcfg.checkpoint if copy else "", rules,
+        init_only=(PEFT_PATTERN,), ignore_unexpected=no_head,
+        load_transform=(lambda tree: ckpt_io.copy_blocks(tree, w.reduction)) if copy else None,
+        num_heads=student.num_heads)
+    return specs
+
+  def loss(self, params: Mapping[str, Params], batch, rng, extra):
+    specs = self._specs()
+    images = batch["image"]
+    t = specs["teacher"].module.apply({"params": params["teacher"]}, images, train=False,
+                                      features=True)
+    t = jax.lax.stop_gradient(t)
+    s = specs["student"].module.apply({"params": params["student"]}, images, train=True,
+                                      features=True, rngs={"dropout": rng})
+    w = self.config.wecolora
+    if self.feature_point == "post_norm":
+      if w.loss == "segments":
+        raise ValueError("wecolora.loss='segments' compares block outputs (pre_norm features)")
+      loss = losses.l1_features(s["tokens"], t["tokens"])
+    elif w.loss == "last":
+      loss = losses.l1_features(s["blocks"][-1], t["blocks"][-1])
+    else:
+      ends = segment_ends(len(s["blocks"]), w.reduction, len(t["blocks"]))
+      loss = sum(losses.l1_features(s["blocks"][k], t["blocks"][j])
+                 for k, j in enumerate(ends)) / len(ends)
+    return loss, {"loss": loss}, extra
+
+  def finalize(self, params: Mapping[str, Params], workdir: str) -> dict[str, Any]:
+    if not self.config.wecolora.export_merged:
+      return {}
+    path = os.path.join(workdir, "student_merged.npz")
+    ckpt_io.export_npz(params["student"], path, merge_lora=True)
+    return {"student_npz": path}
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probing.
+
+
+class ProbeHead(nn.Module):
+  """MAE's probe: BatchNorm without affine (eps 1e-6, torch momentum 0.1) + linear head."""
+  num_classes: int
+  init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_bias=False,
+                     use_scale=False, name="bn")(x.astype(jnp.float32))
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(self.init_std),
+                    name="head")(x)
+
+
+def load_distilled_student(teacher: Params, reduction: int, student_run: str,
+                           step: int | None = None) -> Params:
+  """Teacher tree -> weight-copied student, with a distillation run's weights merged in.
+
+  ``student_run`` is a ``wecolora`` work dir (its Orbax checkpoint holds the student's trainable
+  tree: LoRA matrices, or every weight for weco_kd); '' gives the copied, undistilled student.
+  """
+  from idat_jax.training.checkpointing import read_checkpoint
+  student = ckpt_io.copy_blocks(teacher, reduction) if reduction > 1 else teacher
+  if not student_run:
+    return student
+  state = read_checkpoint(os.path.join(student_run, "checkpoints"), step)
+  trained = state["trainable"].get("student")
+  if not trained:
+    raise ValueError(f"{student_run}: the checkpoint holds no 'student' parameters")
+  base = tr.flatten(student)
+  lora = {k: v for k, v in tr.flatten(trained).items() if "/lora/" in k}
+  rest = {k: v for k, v in tr.flatten(trained).items() if "/lora/" not in k}
+  problems = []
+  for name, value in rest.items():
+    if name not in base:
+      problems.append(f"{name} is not a parameter of the r={reduction} student")
+    elif base[name].shape != value.shape:
+      problems.append(f"{name}: checkpoint {value.shape} vs student {base[name].shape}")
+  for name, value in lora.items():
+    kernel = name.split("/lora/")[0] + "/kernel"
+    if kernel not in base:
+      problems.append(f"{name}: no projection {kernel} in the r={reduction} student")
+    elif name.endswith("/a") and value.shape[:-1] != base[kernel].shape[:value.ndim - 1]:
+      problems.append(f"{name}: shape {value.shape} does not fit kernel {base[kernel].shape}")
+  if problems:
+    raise ValueError(f"the distilled checkpoint in {student_run} does not match the student "
+                     f"(teacher depth, reduction r={reduction}): " + "; ".join(problems[:8]))
+  base.update(rest)
+  base.update(lora)
+  return merge_lora(tr.unflatten(base))
+
+
+@register
+class LinearProbe(Method):
+  name = "linear_probe"
+  eval_model = "probe"
+  # The trainer caches this model's features of every example once (see ``features``).
+  features_from = "backbone"
+
+  def models(self) -> dict[str, ModelSpec]:
+    c, p = self.config, self.config.probe
+    tcfg = c.models.teacher
+    depth = kept_block_count(teacher_depth(tcfg), p.reduction)
+    bcfg = _updated(tcfg, depth=depth, tuning=_updated(tcfg.tuning, mode="full"))
+    backbone, _ = build_model(bcfg, num_classes=0, image_size=c.data.image_size)
+    if not tcfg.checkpoint:
+      raise ValueError("linear probing needs models.teacher.checkpoint (the backbone's weights)")
+    specs = {"backbone": ModelSpec(
+        backbone, tcfg.checkpoint, [(".*", False)],
+        ignore_unexpected=("head/.*", "pre_logits/.*"), num_heads=backbone.num_heads,
+        load_transform=lambda tree: load_distilled_student(tree, p.reduction, p.student_run,
+                                                           p.student_step))}
+    probe = ProbeHead(c.data.num_classes)
+    specs["probe"] = ModelSpec(probe, "", [("head/.*", True)],
+                               example_input=jnp.zeros((2, backbone.width), jnp.float32))
+    return specs
+
+  def features(self, params: Mapping[str, Params], images: jax.Array) -> jax.Array:
+    """The class token after the final norm (MAE's ``global_pool=False`` probe feature)."""
+    spec = self._specs()["backbone"]
+    return spec.module.apply({"params": params["backbone"]}, images, train=False,
+                             features=True)["pooled"].astype(jnp.float32)
+
+  def loss(self, params, batch, rng, extra):
+    probe = self._specs()["probe"].module
+    logits, updated = probe.apply({"params": params["probe"], **extra["probe"]},
+                                  batch["feature"], train=True, mutable=["batch_stats"])
+    ce = losses.cross_entropy(logits, batch["label"])
+    acc = losses.top1_correct(logits, batch["label"]).mean()
+    return ce, {"loss": ce, "train_top1": acc}, dict(extra, probe=dict(updated))
+
+  def predict(self, params, inputs, extra):
+    probe = self._specs()["probe"].module
+    return probe.apply({"params": params["probe"], **extra["probe"]}, inputs, train=False)
+
+
+def linear_probe_lr(base_lr: float, batch_size: int) -> float:
+  """MAE's rule lr = blr * batch / 256."""
+  return base_lr * batch_size / 256
+
+
+def distill_lr(base_lr: float, batch_size: int, accum_steps: int) -> float:
+  return base_lr * batch_size * accum_steps / 256
+
