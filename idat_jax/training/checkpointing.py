@@ -16,6 +16,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 
+def _item_handlers() -> dict[str, Any]:
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 def abstract_like(tree: Any, sharding: Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -28,7 +32,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
+                                          item_handlers=_item_handlers())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -67,7 +71,7 @@ def read_checkpoint(directory: str, step: int | None = None) -> dict[str, Any]:
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint directory {directory}")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  manager = ocp.CheckpointManager(directory, item_handlers=_item_handlers())
   try:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
