@@ -18,6 +18,8 @@ Arguments (``:key=value,...``):
   loss      mse (released script) or kl (temperature 5, KL(teacher || student), no T^2)
   adapter   gist_seq_adapter | gist_shared_par_adapter | adaptformer
   seed      random seed (42 as the reference)
+  eval_every  evaluate the student on the test split every N epochs (1 = the reference; the
+            per-epoch test evaluation is ~90% of the protocol's compute, see docs/performance.md)
   ckpt_dir  directory holding the two AugReg files under their official names (default
             'pretrained'; fetch them with gsutil cp gs://vit_models/augreg/<name> pretrained/)
 """
@@ -55,7 +57,8 @@ BASELINES = ("adapter", "linear_probe", "full", "lora", "ssf", "bitfit")
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, task="dtd", method="idat", backend="folder", loss="mse",
-                           adapter="gist_seq_adapter", seed=42, ckpt_dir="pretrained")
+                           adapter="gist_seq_adapter", seed=42, ckpt_dir="pretrained",
+                           eval_every=1)
   task = ALIASES.get(a.task, a.task)
   if task not in TASK_HPARAMS:
     raise ValueError(f"unknown VTAB-1K task {a.task!r}; expected one of {sorted(TASK_HPARAMS)} "
@@ -89,6 +92,6 @@ def get_config(arg=None):
   c.optim.update(dict(name="adamw", lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=1e-8,
                       schedule="timm_cosine_epoch", epochs=100, cooldown_epochs=10,
                       warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8))
-  c.eval_every_epochs = 1
+  c.eval_every_epochs = a.eval_every   # the last epoch is always evaluated
   c.log_every_steps = 15
   return c

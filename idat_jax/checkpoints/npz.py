@@ -185,9 +185,11 @@ def save_npz(params: Mapping[str, Any], path: str | os.PathLike) -> None:
 _PEFT = re.compile(r"(.*/)?(adapter|lora|ssf)/.*")
 
 
-def export_npz(params: Mapping[str, Any], path: str | os.PathLike, merge_lora: bool = True
-               ) -> list[str]:
+def export_npz(params: Mapping[str, Any], path: str | os.PathLike, merge_lora: bool = True,
+               lora_scale: float = 1.0) -> list[str]:
   """Writes a deployable `.npz`: LoRA folded into the base kernels (``merge_lora=True``).
+
+  ``lora_scale`` is the model's LoRA scale (alpha / rank; 1 in the WeCoLoRA reference).
 
   Returns the names of PEFT parameters that remain in the file (adapters and SSF cannot be
   folded into a plain ViT); timm's loader ignores them, so a timm model loading such a file
@@ -195,7 +197,7 @@ def export_npz(params: Mapping[str, Any], path: str | os.PathLike, merge_lora: b
   """
   if merge_lora:
     from idat_jax.models.peft import merge_lora as fold
-    params = fold(params)
+    params = fold(params, scale=lora_scale)
   remaining = [k for k in flatten(params) if _PEFT.fullmatch(k)]
   if remaining:
     log.warning("export_npz(%s): %d PEFT parameters cannot be merged into a plain ViT and are "

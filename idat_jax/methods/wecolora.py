@@ -140,7 +140,8 @@ class WeCoLoRA(Method):
     if not self.config.wecolora.export_merged:
       return {}
     path = os.path.join(workdir, "student_merged.npz")
-    ckpt_io.export_npz(params["student"], path, merge_lora=True)
+    ckpt_io.export_npz(params["student"], path, merge_lora=True,
+                       lora_scale=self.config.models.student.tuning.lora_scale)
     return {"student_npz": path}
 
 
@@ -162,7 +163,7 @@ class ProbeHead(nn.Module):
 
 
 def load_distilled_student(teacher: Params, reduction: int, student_run: str,
-                           step: int | None = None) -> Params:
+                           step: int | None = None, lora_scale: float = 1.0) -> Params:
   """Teacher tree -> weight-copied student, with a distillation run's weights merged in.
 
   ``student_run`` is a ``wecolora`` work dir (its Orbax checkpoint holds the student's trainable
@@ -196,7 +197,7 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
                      f"(teacher depth, reduction r={reduction}): " + "; ".join(problems[:8]))
   base.update(rest)
   base.update(lora)
-  return merge_lora(tr.unflatten(base))
+  return merge_lora(tr.unflatten(base), scale=lora_scale)
 
 
 @register
@@ -217,8 +218,9 @@ class LinearProbe(Method):
     specs = {"backbone": ModelSpec(
         backbone, tcfg.checkpoint, [(".*", False)],
         ignore_unexpected=("head/.*", "pre_logits/.*"), num_heads=backbone.num_heads,
-        load_transform=lambda tree: load_distilled_student(tree, p.reduction, p.student_run,
-                                                           p.student_step))}
+        load_transform=lambda tree: load_distilled_student(
+            tree, p.reduction, p.student_run, p.student_step,
+            lora_scale=c.models.student.tuning.lora_scale))}
     probe = ProbeHead(c.data.num_classes)
     specs["probe"] = ModelSpec(probe, "", [("head/.*", True)],
                                example_input=jnp.zeros((2, backbone.width), jnp.float32))

@@ -131,11 +131,12 @@ def peft_subtree(params: Mapping[str, Any]) -> dict[str, Any]:
   return select(params, PEFT_PATTERN)
 
 
-def merge_lora(params: Mapping[str, Any], scale: float = 1.0) -> dict[str, Any]:
+def merge_lora(params: Mapping[str, Any], *, scale: float) -> dict[str, Any]:
   """Folds every ``lora/{a,b}`` into its sibling kernel and drops the LoRA subtree.
 
   ``kernel' = kernel + scale * a ⋅ b`` (contracting the rank axis), so the merged model
-  computes the same function as the unmerged one, without the extra matmuls.
+  computes the same function as the unmerged one, without the extra matmuls. ``scale`` is
+  the model's ``LoraConfig.scale`` (it is not stored in the parameters, so it is required).
   """
   def merge(node):
     if not isinstance(node, Mapping):

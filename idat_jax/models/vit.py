@@ -89,7 +89,9 @@ class Adapter(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = nn.initializers.truncated_normal(self.init_std)
+    # timm's trunc_normal_(std) cuts at +-2 in absolute value: effectively untruncated.
+    init = nn.initializers.truncated_normal(self.init_std, lower=-2.0 / self.init_std,
+                                            upper=2.0 / self.init_std)
     h = Projection((self.hidden_dim,), kernel_init=init, dtype=self.dtype, name="down")(x)
     h = nn.gelu(h, approximate=False)
     return Projection((x.shape[-1],), kernel_init=init, dtype=self.dtype, name="up")(h)
