@@ -367,7 +367,7 @@ def test_named_variants(variant):
   att = f"Transformer/encoderblock_{depth - 1}/MultiHeadDotProductAttention_1"
   assert p[f"{att}/query/kernel"].shape == (width, heads, width // heads)
   assert p[f"{att}/out/kernel"].shape == (heads, width // heads, width)
-  assert p[f"Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"].shape == (width, mlp)
+  assert p["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"].shape == (width, mlp)
   tokens = (224 // patch) ** 2 + 1
   assert p["Transformer/posembed_input/pos_embedding"].shape == (1, tokens, width)
 

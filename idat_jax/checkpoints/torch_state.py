@@ -28,7 +28,6 @@ class slot (timm ``no_embed_class``) gets a zero class slot, which is the same f
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any

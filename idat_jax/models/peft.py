@@ -9,10 +9,11 @@ subtree can be saved on its own.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Mapping
 
 import numpy as np
+
+from idat_jax import tree_util
 
 ADAPTER_KINDS = ("gist_seq_adapter", "gist_shared_par_adapter", "adaptformer")
 LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")
@@ -103,32 +104,9 @@ def trainable_rules(mode: str, *, train_head: bool = True) -> list[tuple[str, bo
   return head + peft + [(".*", False)]
 
 
-def _walk(tree: Mapping[str, Any], prefix: str = ""):
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      yield from _walk(value, name + "/")
-    else:
-      yield name, value
-
-
-def select(params: Mapping[str, Any], pattern: str) -> dict[str, Any]:
-  """The subtree of leaves whose slash-joined name full-matches ``pattern``."""
-  regex = re.compile(pattern)
-  out: dict[str, Any] = {}
-  for name, value in _walk(params):
-    if regex.fullmatch(name):
-      node = out
-      *parents, leaf = name.split("/")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = value
-  return out
-
-
 def peft_subtree(params: Mapping[str, Any]) -> dict[str, Any]:
   """Only the adapter / LoRA / SSF parameters: small enough to save and share alone."""
-  return select(params, PEFT_PATTERN)
+  return tree_util.select(params, PEFT_PATTERN)
 
 
 def merge_lora(params: Mapping[str, Any], *, scale: float) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import ml_collections

@@ -19,38 +19,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from absl import logging
-from flax import traverse_util
+
+from idat_jax.tree_util import SEP, flatten, unflatten  # noqa: F401  (flatten is re-exported)
 
 PyTree = Any
 Rules = Sequence[tuple[str, Any]]
 
-SEP = "/"
 _MAX_LISTED = 10
-
-
-def _is_dict(x: Any) -> bool:
-  return isinstance(x, Mapping)
-
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """Nested dict -> ``{slash/joined/name: leaf}`` (empty sub-dicts are dropped)."""
-  if not _is_dict(tree):
-    raise TypeError(f"expected a nested dict of parameters, got {type(tree).__name__}")
-  flat = traverse_util.flatten_dict(tree, keep_empty_nodes=False)
-  out = {}
-  for path, leaf in flat.items():
-    for key in path:
-      if not isinstance(key, str):
-        raise TypeError(f"parameter tree keys must be strings, got {key!r} in {path!r}")
-      if SEP in key or not key:
-        raise ValueError(f"parameter tree key {key!r} in {path!r} is empty or contains {SEP!r}")
-    out[SEP.join(path)] = leaf
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """``{slash/joined/name: leaf}`` -> nested plain dicts."""
-  return traverse_util.unflatten_dict({tuple(k.split(SEP)): v for k, v in flat.items()})
 
 
 def _compile(rules: Rules) -> list[tuple[re.Pattern, Any]]:
