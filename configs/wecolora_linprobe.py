@@ -9,7 +9,8 @@ Frozen backbone -> class token after the final norm, cached once on the device -
       --workdir runs/probe/r2 --config.models.teacher.checkpoint=pretrained/mae_pretrain_vit_base.pth
     # the teacher itself: r=1; the copied-but-undistilled student: r=2 without student_run.
 
-Arguments: r, student_run, dataset (TFDS name, default cifar100), backend (tfds_images |
+Arguments: r, student_run, dataset (TFDS name, default cifar100; resisc45 uses the reference's
+stratified 10% / 90% split), backend (tfds_images |
 image_folder | folder), epochs, teacher, seed.
 """
 
@@ -29,6 +30,11 @@ def get_config(arg=None):
   c.data.task = a.dataset
   c.data.train_split = "train"
   c.data.eval_split = "test" if a.dataset == "cifar100" else "validation"
+  if a.dataset == "resisc45":
+    # The reference's split: stratified 10% train / 90% test of all 31,500 images, seed 0.
+    c.data.eval_split = "train"
+    c.data.stratified_split = 0.1
+    c.data.stratified_seed = 0
   c.data.image_size = 224
   c.data.normalization = "imagenet"
 

@@ -96,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
       crop_scale=(0.2, 1.0),
       few_shot_ratio=1.0,        # image_folder / tfds_images: class-balanced fraction kept
       few_shot_seed=12,
+      stratified_split=0.0,      # >0: train = this stratified fraction of train_split, eval =
+      stratified_seed=0,         # the rest (WeCoLoRA's RESISC45 protocol: 0.1, seed 0)
       eval_resident_mb=1024,     # keep the eval set on device when it fits this budget
   ))
 

@@ -11,12 +11,12 @@ Typical iDAT use::
 """
 
 from idat_jax.data.base import (ArraySource, DataError, DataNotPreparedError, Source,
-                                UnknownTaskError, process_range)
+                                SubsetSource, UnknownTaskError, process_range)
 from idat_jax.data.cache import cache_entry_dir, load_arrays
 from idat_jax.data.digits import DigitsTask, write_digits_task
 from idat_jax.data.folder import FolderTaskSource, read_list_file
 from idat_jax.data.image_folder import ImageFolderSource, few_shot_count, few_shot_select
-from idat_jax.data.loader import BACKENDS, load_task_split, open_task_split
+from idat_jax.data.loader import BACKENDS, load_task_split, open_task_split, stratified_split
 from idat_jax.data.pipeline import (DEFAULT_RESIDENT_BUDGET_BYTES, EvalIterator,
                                     ResidentTrainSet, StreamingTrainIterator, batch_indices,
                                     epoch_permutation, gather_batch, put_resident_train,
@@ -34,10 +34,10 @@ __all__ = [
     "DEFAULT_TRAIN_SPLIT", "DataError", "DataNotPreparedError", "DigitsTask", "EvalIterator",
     "FolderTaskSource", "GROUPS", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN",
     "INCEPTION_STD", "ImageFolderSource", "NORMALIZATIONS", "ResidentTrainSet", "SPLITS",
-    "Source", "StreamingTrainIterator", "TASKS", "TaskSpec", "TfdsImageSource",
+    "Source", "StreamingTrainIterator", "SubsetSource", "TASKS", "TaskSpec", "TfdsImageSource",
     "TfdsTaskSource", "UnknownTaskError", "VTAB_TASKS", "batch_indices", "cache_entry_dir",
     "canonical_name", "epoch_permutation", "few_shot_count", "few_shot_select", "gather_batch",
-    "get_task", "load_arrays", "load_task_split", "normalization_stats", "normalize",
+    "get_task", "load_arrays", "load_task_split", "stratified_split", "normalization_stats", "normalize",
     "open_task_split", "process_range", "put_resident_train", "random_resized_crop_flip",
     "read_list_file", "resident_train_set", "resize", "steps_per_epoch", "tasks_in_group",
     "write_digits_task",

@@ -91,6 +91,33 @@ class ArraySource(Source):
     return self._labels.copy()
 
 
+class SubsetSource(Source):
+  """The examples ``indices`` of another source (e.g. one side of a stratified split)."""
+
+  def __init__(self, source: Source, indices: Sequence[int], name: str):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+    self.num_classes = source.num_classes
+    self.name = name
+    self._labels = source.labels()[self.indices]
+
+  def __len__(self) -> int:
+    return int(self.indices.shape[0])
+
+  def get(self, index: int) -> tuple[ImageLike, int]:
+    return self.source.get(int(self.indices[index]))
+
+  def labels(self) -> np.ndarray:
+    return self._labels.copy()
+
+  def cache_parts(self) -> tuple[str, ...] | None:
+    parts = self.source.cache_parts()
+    return None if parts is None else parts[:-1] + (self.name.replace("/", "_"),)
+
+  def fingerprint(self) -> str:
+    return f"{self.source.fingerprint()}|{self.name}|{hash(self.indices.tobytes())}"
+
+
 def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """Contiguous share ``[start, stop)`` of one process (``tfds.even_splits`` semantics).
 

@@ -4,22 +4,50 @@ from __future__ import annotations
 
 import numpy as np
 
-from idat_jax.data import cache, vtab
-from idat_jax.data.base import DataError, Source
-from idat_jax.data.folder import FolderTaskSource
-from idat_jax.data.tfds_backend import TfdsTaskSource
+import os
 
-BACKENDS = ("tfds", "folder")
+from sklearn.model_selection import train_test_split
+
+from idat_jax.data import cache, vtab
+from idat_jax.data.base import DataError, Source, SubsetSource
+from idat_jax.data.folder import FolderTaskSource
+from idat_jax.data.image_folder import DEFAULT_FEW_SHOT_SEED, ImageFolderSource
+from idat_jax.data.tfds_backend import TfdsImageSource, TfdsTaskSource
+
+BACKENDS = ("tfds", "folder", "image_folder", "tfds_images")
+STRATIFIED_SIDES = ("train", "test")
+
+
+def stratified_split(source: Source, train_fraction: float, side: str, seed: int = 0) -> Source:
+  """One side of a class-stratified train/test split of ``source``.
+
+  sklearn's ``train_test_split(range(n), train_size=fraction, stratify=labels,
+  random_state=seed)``: WeCoLoRA's RESISC45 protocol (10% train / 90% test, seed 0).
+  """
+  if not 0.0 < train_fraction < 1.0:
+    raise DataError(f"stratified train fraction must be in (0, 1), got {train_fraction}")
+  if side not in STRATIFIED_SIDES:
+    raise DataError(f"stratified split side must be one of {STRATIFIED_SIDES}, got {side!r}")
+  labels = source.labels()
+  train, test = train_test_split(np.arange(len(source)), train_size=train_fraction,
+                                 stratify=labels, random_state=seed)
+  chosen = np.sort(train if side == "train" else test)
+  return SubsetSource(source, chosen, f"{source.name}/stratified{train_fraction:g}-{side}-{seed}")
 
 
 def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend: str = "folder",
-                    data_dir: str | None = None, num_classes: int | None = None) -> Source:
+                    data_dir: str | None = None, num_classes: int | None = None,
+                    few_shot: float = 1.0, few_shot_seed: int = DEFAULT_FEW_SHOT_SEED) -> Source:
   """A random-access source of one split of a task.
 
-  ``backend='tfds'``: ``data_dir`` is the TFDS data dir (None: $TFDS_DATA_DIR or
-  ~/tensorflow_datasets). ``backend='folder'``: ``data_dir`` is the root holding
-  ``<task>/<split>.txt`` (NOAH/SSF layout); ``num_classes`` is needed only for unregistered
-  tasks without ``task.json``.
+  * ``tfds``: a VTAB-1K task; ``data_dir`` is the TFDS data dir (None: $TFDS_DATA_DIR or
+    ~/tensorflow_datasets).
+  * ``folder``: ``data_dir`` is the root holding ``<task>/<split>.txt`` (NOAH/SSF layout);
+    ``num_classes`` is needed only for unregistered tasks without ``task.json``.
+  * ``image_folder``: ``<data_dir>/<split>/<class>/...`` (or ``<data_dir>/<class>/...``);
+    ``few_shot`` keeps that fraction of every class (WeCoLoRA).
+  * ``tfds_images``: the TFDS image classification data set ``task`` (e.g. ``cifar100``), with
+    the same few-shot rule.
   """
   if backend == "tfds":
     return TfdsTaskSource(task, split, data_dir)
@@ -27,6 +55,15 @@ def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend
     if not data_dir:
       raise DataError("the folder backend needs data_dir: the root of <task>/<split>.txt")
     return FolderTaskSource(data_dir, task, split, num_classes=num_classes)
+  if backend == "image_folder":
+    if not data_dir:
+      raise DataError("the image_folder backend needs data_dir: the root of <class>/<image> "
+                      "folders (or of <split>/<class>/<image>)")
+    root = os.path.join(data_dir, split)
+    return ImageFolderSource(root if os.path.isdir(root) else data_dir, fraction=few_shot,
+                             seed=few_shot_seed)
+  if backend == "tfds_images":
+    return TfdsImageSource(task, split, data_dir, fraction=few_shot, seed=few_shot_seed)
   raise DataError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 

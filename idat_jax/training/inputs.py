@@ -19,13 +19,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from idat_jax.data import pipeline, preprocess
+from idat_jax.data import loader, pipeline, preprocess
 from idat_jax.data.base import Source
-from idat_jax.data.folder import FolderTaskSource
-from idat_jax.data.image_folder import ImageFolderSource
-from idat_jax.data.tfds_backend import TfdsImageSource, TfdsTaskSource
-
-BACKENDS = ("folder", "tfds", "image_folder", "tfds_images")
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -34,24 +29,27 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def build_source(config: ml_collections.ConfigDict, split: str) -> Source:
-  """The data source of one split for ``config.data.backend``."""
+  """The data source of one split, as ``config.data`` describes it.
+
+  The few-shot fraction applies to the training split only; with ``stratified_split`` > 0 the
+  train and eval splits are the two sides of a stratified split of ``train_split``.
+  """
   d = config.data
-  if d.backend == "folder":
-    if not d.root:
-      raise ValueError("config.data.root is empty: the folder backend reads "
-                       "<root>/<task>/<split>.txt (see scripts/prepare_vtab.py --export_folder)")
-    return FolderTaskSource(d.root, d.task, split, num_classes=d.num_classes)
-  if d.backend == "tfds":
-    return TfdsTaskSource(d.task, split, data_dir=d.tfds_data_dir or None)
-  if d.backend == "image_folder":
-    root = os.path.join(d.root, split) if os.path.isdir(os.path.join(d.root, split)) else d.root
-    fraction = d.few_shot_ratio if split == d.train_split else 1.0
-    return ImageFolderSource(root, fraction=fraction, seed=d.few_shot_seed)
-  if d.backend == "tfds_images":
-    fraction = d.few_shot_ratio if split == d.train_split else 1.0
-    return TfdsImageSource(d.task, split, data_dir=d.tfds_data_dir or None, fraction=fraction,
-                           seed=d.few_shot_seed)
-  raise ValueError(f"unknown config.data.backend {d.backend!r}; expected one of {BACKENDS}")
+  if d.backend == "folder" and not d.root:
+    raise ValueError("config.data.root is empty: the folder backend reads "
+                     "<root>/<task>/<split>.txt (see scripts/prepare_vtab.py --export_folder)")
+  is_train = split == d.train_split
+  base_split = d.train_split if d.stratified_split else split
+  source = loader.open_task_split(
+      d.task, base_split, backend=d.backend,
+      data_dir=(d.tfds_data_dir if d.backend.startswith("tfds") else d.root) or None,
+      num_classes=d.num_classes if d.backend == "folder" else None,
+      few_shot=d.few_shot_ratio if is_train and not d.stratified_split else 1.0,
+      few_shot_seed=d.few_shot_seed)
+  if d.stratified_split:
+    source = loader.stratified_split(source, d.stratified_split,
+                                     "train" if is_train else "test", d.stratified_seed)
+  return source
 
 
 def normalizer(name: str) -> Callable[[jax.Array], jax.Array]:
