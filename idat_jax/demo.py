@@ -21,9 +21,12 @@ from absl import app, flags, logging
 
 from idat_jax import config_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where data, runs and results go.")
-_EPOCHS = flags.DEFINE_integer("epochs", 0, "Override the tuning epochs (0: demo default).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed of every stage.")
+
+def _define_flags() -> None:
+  """Flags exist only when the demo runs as a program, so importing it defines none."""
+  flags.DEFINE_string("workdir", "runs/demo", "Where data, runs and results go.")
+  flags.DEFINE_integer("epochs", 0, "Override the tuning epochs (0: demo default).")
+  flags.DEFINE_integer("seed", 0, "Random seed of every stage.")
 
 IMAGE_SIZE = 16
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
@@ -144,8 +147,9 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from idat_jax.training.metrics import quiet_library_logs
   quiet_library_logs()
-  run_demo(_WORKDIR.value, seed=_SEED.value, epochs=_EPOCHS.value)
+  run_demo(flags.FLAGS.workdir, seed=flags.FLAGS.seed, epochs=flags.FLAGS.epochs)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -75,7 +75,14 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
   """
   params, masks, counts, extras = {}, {}, {}, {}
   replicated = shd.replicated(mesh)
-  for i, (name, spec) in enumerate(method._specs().items()):
+  specs = method._specs()
+  for name, spec in specs.items():  # before any (possibly expensive) model init
+    if spec.checkpoint and "://" not in spec.checkpoint and not os.path.exists(spec.checkpoint):
+      raise FileNotFoundError(
+          f"pretrained checkpoint for model '{name}' not found: {spec.checkpoint} "
+          f"(resolved to {os.path.abspath(spec.checkpoint)}). Download it first (see the "
+          "README, 'Pretrained checkpoints') or set --config.models.<name>.checkpoint")
+  for i, (name, spec) in enumerate(specs.items()):
     example = spec.example_input if spec.example_input is not None else dummy_images(spec.module)
     variables = jax.jit(spec.module.init, out_shardings=replicated)(
         jax.random.fold_in(rng, i), example)
@@ -84,11 +91,6 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
     if collections:
       extras[name] = collections
     if spec.checkpoint:
-      if "://" not in spec.checkpoint and not os.path.exists(spec.checkpoint):
-        raise FileNotFoundError(
-            f"pretrained checkpoint for model '{name}' not found: {spec.checkpoint} "
-            f"(resolved to {os.path.abspath(spec.checkpoint)}). Download it first (see the "
-            "README, 'Pretrained checkpoints') or set --config.models.<name>.checkpoint")
       loaded = ckpt_io.load_params(spec.checkpoint, num_heads=spec.num_heads)
       if spec.load_transform is not None:
         loaded = spec.load_transform(loaded)
@@ -221,7 +223,7 @@ def make_update(method: Method, tx: optax.GradientTransformation, schedule, accu
     updates, opt = tx.update(grads, state["opt"], state["trainable"])
     new_trainable = optax.apply_updates(state["trainable"], updates)
     metrics = dict(metrics, lr=schedule(state["step"] // accum_steps),
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=optax.tree.norm(grads))
     new_state = dict(trainable=new_trainable, opt=opt, step=state["step"] + 1)
     if "extra" in state:
       new_state["extra"] = new_extra
