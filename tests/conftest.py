@@ -15,5 +15,19 @@ if importlib.util.find_spec("torchvision") is None and os.path.isdir(_SHIM):
   sys.path.insert(0, _SHIM)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xla_compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for the test session: every trainer run builds fresh jitted
+  functions, and on 2 CPU cores compiling identical programs again dominates the suite."""
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.set_cache_dir(path)
+  compilation_cache.reset_cache()
+  yield path

@@ -7,9 +7,9 @@ One module-scoped set of runs is shared by the tests (compilation dominates thei
 * the 8-device run again, stopped after ``STOP_STEP`` steps (mid-epoch) and resumed.
 
 All iDAT runs come from one config file (``demo_config('idat', ...)`` plus test overrides)
-written to a temporary folder. A persistent compilation cache (temporary folder, this module
-only) lets runs with the same programs (the stopped, resumed and uninterrupted 8-device runs,
-restores, the CLI eval) compile once.
+written to a temporary folder. The session's persistent compilation cache (tests/conftest.py) lets
+runs with the same programs (the stopped, resumed and uninterrupted 8-device runs, restores,
+the CLI eval) compile once.
 """
 
 import csv
@@ -24,7 +24,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from idat_jax import checkpoints as ckpt_io
 from idat_jax import demo, train
@@ -81,23 +80,6 @@ def get_config():
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent XLA cache for this module only (restored afterwards)."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {name: getattr(jax.config, name) for name in names}
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.set_cache_dir(path)
-  compilation_cache.reset_cache()
-  yield path
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +207,7 @@ def _adapter_and_head_params(arch):
 
 
 def _cli(args, cwd):
-  # Same matmul precision and compilation cache as this process (see compile_cache).
+  # Same matmul precision and compilation cache as this process (see tests/conftest.py).
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")
   cache = jax.config.jax_compilation_cache_dir
   if cache:
