@@ -299,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   s = setup(config, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
   writer = MetricWriter(workdir)
-  meta = {"best_top1": None, "best_epoch": None, "last_top1": None, "history": []}
+  meta = {"best_top1": None, "best_epoch": None, "last_top1": None, "history": [],
+          "method": config.method, **s.method.checkpoint_meta()}
   if ckpt.latest_step() is not None:
     s.state, meta = _restore_or_init(s, ckpt)
     logging.info("resumed from step %d in %s", int(s.state["step"]), ckpt.directory)

@@ -70,6 +70,10 @@ class Method:
     spec = self._specs()[self.eval_model]
     return spec.module.apply({"params": params[self.eval_model]}, images, train=False)
 
+  def checkpoint_meta(self) -> dict[str, Any]:
+    """Facts saved with every checkpoint that readers of the run must check (JSON)."""
+    return {}
+
   def finalize(self, params: Mapping[str, Params], workdir: str) -> dict[str, Any]:
     """Called once on process 0 after the last step (exports); returns summary entries."""
     return {}

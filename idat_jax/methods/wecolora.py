@@ -136,6 +136,12 @@ class WeCoLoRA(Method):
                  for k, j in enumerate(ends)) / len(ends)
     return loss, {"loss": loss}, extra
 
+  def checkpoint_meta(self) -> dict[str, Any]:
+    w = self.config.wecolora
+    return {"wecolora": {"reduction": w.reduction, "teacher_blocks": self.teacher_blocks,
+                         "student_blocks": self.student_blocks, "student": w.student,
+                         "lora_scale": self.config.models.student.tuning.lora_scale}}
+
   def finalize(self, params: Mapping[str, Params], workdir: str) -> dict[str, Any]:
     if not self.config.wecolora.export_merged:
       return {}
@@ -162,6 +168,13 @@ class ProbeHead(nn.Module):
                     name="head")(x)
 
 
+def _depth_of(tree: Params) -> int:
+  blocks = [k for k in tree.get("Transformer", {}) if k.startswith("encoderblock_")]
+  if not blocks:
+    raise ValueError("the teacher checkpoint has no Transformer/encoderblock_* parameters")
+  return len(blocks)
+
+
 def load_distilled_student(teacher: Params, reduction: int, student_run: str,
                            step: int | None = None, lora_scale: float = 1.0) -> Params:
   """Teacher tree -> weight-copied student, with a distillation run's weights merged in.
@@ -169,11 +182,24 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
   ``student_run`` is a ``wecolora`` work dir (its Orbax checkpoint holds the student's trainable
   tree: LoRA matrices, or every weight for weco_kd); '' gives the copied, undistilled student.
   """
-  from idat_jax.training.checkpointing import read_checkpoint
+  from idat_jax.training.checkpointing import read_run_checkpoint
   student = ckpt_io.copy_blocks(teacher, reduction) if reduction > 1 else teacher
   if not student_run:
     return student
-  state = read_checkpoint(os.path.join(student_run, "checkpoints"), step)
+  state, meta = read_run_checkpoint(os.path.join(student_run, "checkpoints"), step)
+  facts = meta.get("wecolora")
+  if facts is None:
+    raise ValueError(f"{student_run} is not a wecolora distillation run (its checkpoint meta has "
+                     f"no 'wecolora' entry; method {meta.get('method')!r})")
+  teacher_blocks = len(ckpt_io.kept_blocks(_depth_of(teacher), 1))
+  if facts["reduction"] != reduction or facts["teacher_blocks"] != teacher_blocks:
+    raise ValueError(
+        f"the distilled checkpoint in {student_run} does not match the student: it was "
+        f"distilled with reduction r={facts['reduction']} from a {facts['teacher_blocks']}-block "
+        f"teacher, the probe asks for r={reduction} of a {teacher_blocks}-block teacher")
+  if facts.get("lora_scale", lora_scale) != lora_scale:
+    raise ValueError(f"{student_run} was distilled with LoRA scale {facts['lora_scale']}, the "
+                     f"probe merges with {lora_scale} (models.student.tuning.lora_scale)")
   trained = state["trainable"].get("student")
   if not trained:
     raise ValueError(f"{student_run}: the checkpoint holds no 'student' parameters")

@@ -63,8 +63,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def read_checkpoint(directory: str, step: int | None = None) -> dict[str, Any]:
-  """The saved train state of any run as NumPy arrays, without knowing its config.
+def read_run_checkpoint(directory: str,
+                        step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(train state as NumPy arrays, JSON meta) of any run, without knowing its config.
 
   Used to read another run's weights (e.g. a distilled student for linear probing): the
   target structure comes from the checkpoint's own metadata, restored onto one local device.
@@ -83,6 +84,6 @@ def read_checkpoint(directory: str, step: int | None = None) -> dict[str, Any]:
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return jax.device_get(restored["state"])
+    return jax.device_get(restored["state"]), dict(restored["meta"] or {})
   finally:
     manager.close()
