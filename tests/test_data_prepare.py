@@ -33,9 +33,9 @@ def test_help_works_without_tensorflow():
     assert text in out.stdout
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
+                    reason="checks the message shown when TensorFlow is absent")
 def test_prepare_without_tensorflow_says_how_to_install(prepare_vtab, capsys, tmp_path):
-  if importlib.util.find_spec("tensorflow") is not None:
-    pytest.skip("TensorFlow is installed")
   assert prepare_vtab.main(["--tasks", "dtd", "--data_dir", str(tmp_path)]) == 2
   assert "pip install -e .[tfds-prepare]" in capsys.readouterr().err
   assert prepare_vtab.main(["--tasks", "dtd,imagenet"]) == 2

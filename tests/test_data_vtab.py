@@ -179,13 +179,13 @@ def test_missing_tfds_data_dir_names_dir_and_command(tmp_path):
     data.TfdsTaskSource("resisc45", "train800", str(missing))
 
 
+@pytest.mark.skipif(data.tfds_backend.tensorflow_available(),
+                    reason="checks the message shown when TensorFlow is absent")
 def test_tfrecord_data_without_tensorflow_is_explained(tmp_path):
   version_dir = tmp_path / "dtd" / "3.0.1"
   version_dir.mkdir(parents=True)
   (version_dir / "dataset_info.json").write_text(
       json.dumps({"name": "dtd", "version": "3.0.1", "fileFormat": "tfrecord"}))
-  if data.tfds_backend.tensorflow_available():
-    pytest.skip("TensorFlow is installed")
   with pytest.raises(data.DataError, match="tfrecord.*TensorFlow.*--file_format array_record"):
     data.TfdsTaskSource("dtd", "test", str(tmp_path))
 
