@@ -4,9 +4,11 @@
 * One and two distillation steps against a PyTorch re-expression of the reference step.
 * Gradient accumulation over 8 micro-batches equals one step on the concatenated batch.
 * Real images (scikit-learn digits as an image folder): a teacher trained here from scratch,
-  r=2 distillation whose loss falls, and linear probes where the distilled student beats the
-  copied-but-not-distilled one; the merged export reproduces the LoRA student.
-* Bad inputs give clear errors; the two configs carry the reference values.
+  r=2 distillation whose loss falls, and linear probes (12 labelled images per class) where the
+  distilled student beats the copied-but-not-distilled one; the merged export reproduces the
+  LoRA student.
+* Bad inputs give clear errors (reduction, rank, mismatched LoRA checkpoints, empty classes,
+  unknown options); the two configs carry the reference values.
 
 torch and timm are required (imported at module level): a missing one fails this file.
 """
@@ -147,7 +149,7 @@ def _images(n, seed, size=IMAGE_SIZE):
 
 @pytest.mark.parametrize("reduction,kept", [(2, [0, 2, 4]), (3, [0, 3])])
 def test_lora_student_at_init_is_the_copied_model(weco, teacher_npz, reduction, kept):
-  method, params, masks, _ = weco(reduction)
+  method, params, masks, counts = weco(reduction)
   student = params["student"]
   flat = tr.flatten(student)
   depth = len(kept)
@@ -164,6 +166,7 @@ def test_lora_student_at_init_is_the_copied_model(weco, teacher_npz, reduction, 
       bound = 1 / math.sqrt(fan_in)
       assert np.max(np.abs(value)) <= bound and np.max(np.abs(value)) > 0.5 * bound, name
   assert {k for k, v in tr.flatten(masks["student"]).items() if v} == set(lora)
+  assert counts["student"][0] == sum(v.size for v in lora.values())
   assert not any(tr.flatten(masks["teacher"]).values())
 
   # The plain ViT with copy_blocks(teacher, r): same features, bit for bit.
@@ -423,7 +426,6 @@ def test_accumulation_of_8_micro_batches_equals_one_step(weco, jax_update):
                    seed=5)
   config8 = _weco_config(method.config.models.teacher.checkpoint, 2, accum_steps=8)
   method8 = build_method(config8)
-  method8._spec_cache = method._specs()  # same modules; the loss is the method's own
   state8, frozen, tx8, schedule = _jax_state(method8, params, masks, config8, lora)
   update8 = jax.jit(train.make_update(method8, tx8, schedule, 8))
   state1, _, _, _ = _jax_state(method, params, masks, method.config, lora)
@@ -459,6 +461,15 @@ DIGITS_ARCH = dict(width=64, depth=4, num_heads=4, mlp_dim=128, patch_size=4)
 DIGITS_SIZE = 16
 TEACHER_EPOCHS = 25
 DISTILL = dict(reduction=2, rank=8, epochs=40, ratio=0.5, lr=4e-3, batch=40)
+# The probes train on the class-balanced 10% subset of the train split (12 images per class)
+# and evaluate on all 597 val images. Calibration of this setting over five teacher seeds
+# (seed: copied / distilled / teacher probe top-1, distillation seed 0):
+#   42: 78.9 / 87.1 / 89.4    1: 81.6 / 88.1 / 89.9    2: 74.5 / 85.6 / 89.1
+#    3: 81.6 / 87.3 / 91.8    4: 83.6 / 87.9 / 91.0    -> distilled - copied: 4.4 .. 11.1 points
+# (20 distillation epochs: 3.7 .. 9.2). Probing on the full train split instead separates them
+# far less (-0.2 .. +5.7 points over the seeds tried): with 1200 labels even the copied
+# features are linearly separable enough. The distillation loss ends at 0.42-0.48 of its start.
+# This test's own run (every seed 42): copied 79.56, distilled 87.60, teacher 90.12; loss 0.46x.
 PROBE = dict(epochs=200, lr=20.0, batch=40, ratio=0.1)
 PROBE_MARGIN = 2.0
 
@@ -588,6 +599,8 @@ def probes(digits):
 
 def test_digits_probe_distilled_beats_copied(probes):
   assert probes["distilled"] >= probes["copied"] + PROBE_MARGIN
+  # What distillation chases: the teacher's own features probe better than the copy's.
+  assert probes["teacher"] >= probes["copied"] + PROBE_MARGIN
 
 
 def test_merged_export_reproduces_the_lora_student(digits):
