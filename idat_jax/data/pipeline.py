@@ -260,6 +260,14 @@ def _background(make_items: Callable[[], Iterator[Any]], size: int) -> Iterator[
     stop.set()
 
 
+def _local_batch(global_batch: int, mesh: Mesh, process_count: int, what: str) -> int:
+  """Each process's share of a global batch, which must split over devices and processes."""
+  shd.check_batch_size(global_batch, mesh, f"{what} batch size")
+  if global_batch % process_count:
+    raise ValueError(f"{what} batch {global_batch} does not split over {process_count} processes")
+  return global_batch // process_count
+
+
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   return (jax.process_index() if process_index is None else process_index,
           jax.process_count() if process_count is None else process_count)
@@ -289,11 +297,7 @@ class EvalIterator:
     self.global_batch = global_batch
     self.cache_dir, self.num_workers, self.prefetch = cache_dir, num_workers, prefetch
     self.process_index, self.process_count = _process(process_index, process_count)
-    shd.check_batch_size(global_batch, mesh, "eval batch size")
-    if global_batch % self.process_count:
-      raise ValueError(f"eval batch {global_batch} does not split over "
-                       f"{self.process_count} processes")
-    self.local_batch = global_batch // self.process_count
+    self.local_batch = _local_batch(global_batch, mesh, self.process_count, "eval")
     self.num_examples = len(source)
     self.rows = process_range(self.num_examples, self.process_index, self.process_count)
     largest_share = -(-self.num_examples // self.process_count)
@@ -404,11 +408,7 @@ class StreamingTrainIterator:
     self.num_workers = num_workers or cache.default_num_workers()
     self.prefetch = prefetch
     self.process_index, self.process_count = _process(process_index, process_count)
-    shd.check_batch_size(global_batch, mesh, "train batch size")
-    if global_batch % self.process_count:
-      raise ValueError(f"train batch {global_batch} does not split over "
-                       f"{self.process_count} processes")
-    self.local_batch = global_batch // self.process_count
+    self.local_batch = _local_batch(global_batch, mesh, self.process_count, "train")
     self.num_examples = len(source)
     self.steps_per_epoch = steps_per_epoch(self.num_examples, global_batch)
 
