@@ -14,14 +14,18 @@ Arguments (``:key=value,...``):
   task      one of the 19 VTAB-1K folder names (aliases cifar100, flowers102, pets accepted)
   method    idat (default) or a baseline: adapter (gist_seq adapter-tuning alone, no teacher),
             linear_probe, full, lora, ssf, bitfit
-  backend   folder (NOAH/SSF layout under data.root) or tfds (prepared TFDS dir)
+  backend   folder (NOAH/SSF layout under data.root), tfds (prepared TFDS dir) or synthetic
+            (random images of the task's real sizes: speed runs without the data)
   loss      mse (released script) or kl (temperature 5, KL(teacher || student), no T^2)
   adapter   gist_seq_adapter | gist_shared_par_adapter | adaptformer
   seed      random seed (42 as the reference)
   eval_every  evaluate the student on the test split every N epochs (1 = the reference; the
             per-epoch test evaluation is ~90% of the protocol's compute, see docs/performance.md)
   ckpt_dir  directory holding the two AugReg files under their official names (default
-            'pretrained'; fetch them with gsutil cp gs://vit_models/augreg/<name> pretrained/)
+            'pretrained'; fetch them with gsutil cp gs://vit_models/augreg/<name> pretrained/);
+            'none' starts both models from random weights (speed runs only)
+  dtype     compute dtype of both models: bfloat16 (default; the reference trains under fp16
+            autocast) or float32. Parameters and optimizer state are float32 either way.
 """
 
 from idat_jax import config_lib
@@ -58,7 +62,7 @@ BASELINES = ("adapter", "linear_probe", "full", "lora", "ssf", "bitfit")
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, task="dtd", method="idat", backend="folder", loss="mse",
                            adapter="gist_seq_adapter", seed=42, ckpt_dir="pretrained",
-                           eval_every=1)
+                           eval_every=1, dtype="bfloat16")
   task = ALIASES.get(a.task, a.task)
   if task not in TASK_HPARAMS:
     raise ValueError(f"unknown VTAB-1K task {a.task!r}; expected one of {sorted(TASK_HPARAMS)} "
@@ -72,11 +76,14 @@ def get_config(arg=None):
   c.data.image_size = 224
   c.data.normalization = "inception"
 
-  ckpt = a.ckpt_dir.rstrip("/") + "/"
-  c.models.student = config_lib.model_config("B/16", ckpt + STUDENT_NPZ, a.adapter)
-  c.models.teacher = config_lib.model_config("S/16", ckpt + TEACHER_NPZ, a.adapter)
+  if a.dtype not in ("bfloat16", "float32"):
+    raise ValueError(f"dtype must be bfloat16 or float32, got {a.dtype!r}")
+  ckpt = "" if a.ckpt_dir == "none" else a.ckpt_dir.rstrip("/") + "/"
+  c.models.student = config_lib.model_config("B/16", ckpt and ckpt + STUDENT_NPZ, a.adapter)
+  c.models.teacher = config_lib.model_config("S/16", ckpt and ckpt + TEACHER_NPZ, a.adapter)
   for m in (c.models.student, c.models.teacher):
     m.drop_path = drop_path   # the reference applies the task's drop-path to both models
+    m.dtype = a.dtype
 
   if a.method == "idat":
     c.method = "idat"

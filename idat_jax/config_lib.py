@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = FieldRef(None, field_type=int)  # use only the first N devices (tests)
 
   c.data = ml_collections.ConfigDict(dict(
-      backend="folder",          # folder | tfds | image_folder | tfds_images
+      backend="folder",          # folder | tfds | image_folder | tfds_images | synthetic
       root="",                   # folder backend: <root>/<task>/{train800val200,test}.txt
       tfds_data_dir="",          # tfds backend: prepared TFDS data dir ('' = TFDS default)
       task="dtd",
@@ -150,6 +150,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.stop_after_steps = 0         # >0: stop (after checkpointing) at this step; resumable
   c.progress_bar = True
+  # Persistent XLA cache: later runs with the same programs (other seeds, resumes, mode=eval)
+  # skip compiling. '' = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/../jax_cache (shared
+  # by the runs of one sweep); 'none' = off.
+  c.compilation_cache_dir = ""
 
   c.eval = ml_collections.ConfigDict(dict(step=FieldRef(None, field_type=int)))  # mode=eval
   return c

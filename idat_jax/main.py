@@ -35,6 +35,7 @@ def main(argv) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
+  train.enable_compilation_cache(config, workdir)
   if config.mode == "train":
     summary = train.train_and_evaluate(config, workdir)
   elif config.mode == "eval":

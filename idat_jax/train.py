@@ -31,6 +31,7 @@ from idat_jax import sharding as shd
 from idat_jax.data import pipeline
 from idat_jax.methods import Method, build_method
 from idat_jax.models import dummy_images
+from idat_jax.tree_util import flatten, unflatten
 from idat_jax.training import features, inputs, optim, schedules, trainable as tr
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
 from idat_jax.training.metrics import MetricWriter, append_result
@@ -67,6 +68,22 @@ class Setup:
     return self.steps_per_epoch * self.total_epochs
 
 
+def init_missing(module) -> Callable:
+  """``(rng, example, given_params) -> variables``: initialises only what ``given`` lacks.
+
+  Flax creates a parameter only when its scope does not hold it yet, and a submodule's random
+  stream depends on its path, so the adapters and heads come out exactly as a full ``init``
+  would make them, while the compiled program holds no random initialisers for the (large)
+  pretrained backbone: that compile was most of a run's setup time (docs/performance.md).
+  """
+  def init(rng, example, given):
+    _, variables = module.apply({"params": given} if given else {}, example,
+                                rngs={"params": rng}, mutable=True)
+    return variables
+
+  return init
+
+
 def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict, dict]:
   """Initialises every model, merges its pretrained file, applies its trainable rules.
 
@@ -84,21 +101,24 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
           "README, 'Pretrained checkpoints') or set --config.models.<name>.checkpoint")
   for i, (name, spec) in enumerate(specs.items()):
     example = spec.example_input if spec.example_input is not None else dummy_images(spec.module)
-    variables = jax.jit(spec.module.init, out_shardings=replicated)(
-        jax.random.fold_in(rng, i), example)
-    init = variables["params"]
-    collections = {k: v for k, v in variables.items() if k != "params"}
-    if collections:
-      extras[name] = collections
+    key = jax.random.fold_in(rng, i)
+    given = {}
     if spec.checkpoint:
       loaded = ckpt_io.load_params(spec.checkpoint, num_heads=spec.num_heads)
       if spec.load_transform is not None:
         loaded = spec.load_transform(loaded)
-      merged, report = ckpt_io.merge_pretrained(
-          jax.device_get(init), loaded, init_only=spec.init_only,
-          ignore_unexpected=spec.ignore_unexpected)
+      shapes = jax.eval_shape(spec.module.init, key, example)["params"]
+      merged, report = ckpt_io.merge_pretrained(shapes, loaded, init_only=spec.init_only,
+                                                ignore_unexpected=spec.ignore_unexpected)
       logging.info("%s <- %s\n%s", name, spec.checkpoint, report)
-      init = jax.device_put(merged, replicated)
+      given = unflatten({k: v for k, v in flatten(merged).items()
+                         if not isinstance(v, jax.ShapeDtypeStruct)})
+    variables = jax.jit(init_missing(spec.module), out_shardings=replicated)(
+        key, example, jax.device_put(given, replicated))
+    init = variables["params"]
+    collections = {k: v for k, v in variables.items() if k != "params"}
+    if collections:
+      extras[name] = collections
     params[name] = init
     masks[name] = tr.trainable_mask(init, spec.trainable)
     logging.info("%s", tr.parameter_report(init, masks[name], name))
@@ -138,6 +158,23 @@ def make_optimizer(ocfg: ml_collections.ConfigDict, schedule, trainable_params):
   if ocfg.accum_steps < 1:
     raise ValueError(f"optim.accum_steps must be >= 1, got {ocfg.accum_steps}")
   return optim.with_accumulation(tx, ocfg.accum_steps) if ocfg.accum_steps > 1 else tx
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache (``config.compilation_cache_dir``).
+
+  Compiling the models' init, the train step and the eval step is a fixed cost of every run
+  (see docs/performance.md); with the cache only the first run of a sweep pays it.
+  """
+  path = config.compilation_cache_dir
+  if path == "none":
+    return None
+  # A cache the user already chose (JAX_COMPILATION_CACHE_DIR) wins over the default place.
+  path = path or jax.config.jax_compilation_cache_dir or inputs.sibling_dir(workdir, "jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  logging.info("persistent compilation cache: %s", path)
+  return path
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
@@ -297,6 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the run summary."""
   t_start = time.time()
   s = setup(config, workdir)
+  setup_s = time.time() - t_start
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
   writer = MetricWriter(workdir)
   meta = {"best_top1": None, "best_epoch": None, "last_top1": None, "history": [],
@@ -321,6 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[dict] = []
   t_log, step_log = time.time(), start_step
   last_good_step = ckpt.latest_step()
+  # Wall time per epoch, split at points that already wait for the device (the metric fetch
+  # at the epoch's end, the eval result): [epoch, train_s, eval_s, checkpoint_s].
+  epoch_times: list[list[float]] = []
+  t_epoch = time.time()
   try:
     for step in range(start_step, s.total_steps):
       if data is None:
@@ -350,6 +392,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                img_s=f"{logged['images_per_s']:.0f}")
       if epoch_end or done == s.total_steps:
         epoch = done // s.steps_per_epoch
+        t_eval = time.time()
+        times = [epoch, t_eval - t_epoch, 0.0, 0.0]
         if eval_data is not None and (epoch % config.eval_every_epochs == 0
                                       or done == s.total_steps):
           result = evaluate(s, eval_step, s.state, eval_data)
@@ -361,9 +405,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               "epoch": epoch})
           logging.info("epoch %d: test top-1 %.2f%% (best %.2f%% at epoch %d)", epoch,
                        result["top1"], meta["best_top1"], meta["best_epoch"])
+        t_save = time.time()
+        times[2] = t_save - t_eval
         if epoch % config.checkpoint_every_epochs == 0 or done == s.total_steps:
           ckpt.save(done, s.state, meta)
           last_good_step = done
+        t_epoch = time.time()
+        times[3] = t_epoch - t_save
+        epoch_times.append(times)
       if stop_now:
         if last_good_step != done:
           ckpt.save(done, s.state, meta)
@@ -384,7 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       trainable_params=sum(c[0] for c in s.counts.values()),
       total_params=sum(c[1] for c in s.counts.values()),
       epochs=s.total_epochs, wall_time_s=round(time.time() - t_start, 2),
-      workdir=os.path.abspath(workdir), finished=finished, counts=s.counts)
+      workdir=os.path.abspath(workdir), finished=finished, counts=s.counts,
+      setup_s=round(setup_s, 3), epoch_times=epoch_times)
   if finished:
     if jax.process_index() == 0:
       summary.update(s.method.finalize(

@@ -431,3 +431,42 @@ def test_copy_blocks_rejects_treeless_and_gaps():
     ck.copy_blocks({"head": {}}, 2)
   with pytest.raises(ck.CheckpointError, match=r"\[0, 2\]"):
     ck.copy_blocks({"Transformer": {"encoderblock_0": {}, "encoderblock_2": {}}}, 2)
+
+
+@pytest.mark.parametrize("mode,head_classes", [("gist_seq_adapter", 7), ("lora", 10)])
+def test_load_models_inits_only_what_the_checkpoint_lacks(tmp_path, mode, head_classes):
+  # The trainer compiles random initialisers only for the parameters the checkpoint does not
+  # provide (adapters / LoRA, a head for a new class count). Those must equal what a full
+  # ``init`` gives, and everything else must be the checkpoint's values.
+  from idat_jax import config_lib, sharding, train
+  from idat_jax.methods import build_method
+  from idat_jax.models import dummy_images
+
+  backbone = build_vit(variant="custom", width=32, depth=2, num_heads=2, mlp_dim=64,
+                       patch_size=8, image_size=16, num_classes=10)
+  path = str(tmp_path / "backbone.npz")
+  ck.save_npz(random_params(backbone, seed=3), path)
+  c = config_lib.base_config()
+  c.method = "supervised"
+  c.data.image_size = 16
+  c.data.num_classes = head_classes
+  c.models.student = config_lib.model_config("custom", path, mode)
+  c.models.student.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8))
+  method = build_method(c)
+  rng = jax.random.key(5)
+  params, _, _, _ = train.load_models(method, rng, sharding.make_mesh(1))
+
+  spec = method._specs()["student"]
+  full = jax.jit(spec.module.init)(jax.random.fold_in(rng, 0),
+                                   dummy_images(spec.module))["params"]
+  reference, report = ck.merge_pretrained(
+      jax.device_get(full), ck.load_params(path, num_heads=spec.num_heads),
+      init_only=spec.init_only, ignore_unexpected=spec.ignore_unexpected)
+  got, want = ck.flatten(jax.device_get(params["student"])), ck.flatten(reference)
+  assert sorted(got) == sorted(want)
+  fresh = set(report.kept_from_init)
+  assert any(n.startswith("head/") for n in fresh)  # the recipes always train a fresh head
+  assert any(("adapter" in n or "lora" in n) for n in fresh)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  assert all(np.any(got[n] != 0) for n in fresh if not n.endswith(("bias", "lora/b")))

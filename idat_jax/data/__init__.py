@@ -24,6 +24,7 @@ from idat_jax.data.pipeline import (DEFAULT_RESIDENT_BUDGET_BYTES, EvalIterator,
 from idat_jax.data.preprocess import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN,
                                       INCEPTION_STD, NORMALIZATIONS, normalization_stats,
                                       normalize, random_resized_crop_flip, resize)
+from idat_jax.data.synthetic import SyntheticTaskSource
 from idat_jax.data.tfds_backend import TfdsImageSource, TfdsTaskSource
 from idat_jax.data.vtab import (ALIASES, DEFAULT_EVAL_SPLIT, DEFAULT_TRAIN_SPLIT, GROUPS,
                                 SPLITS, TASKS, VTAB_TASKS, TaskSpec, canonical_name, get_task,
@@ -34,7 +35,7 @@ __all__ = [
     "DEFAULT_TRAIN_SPLIT", "DataError", "DataNotPreparedError", "DigitsTask", "EvalIterator",
     "FolderTaskSource", "GROUPS", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN",
     "INCEPTION_STD", "ImageFolderSource", "NORMALIZATIONS", "ResidentTrainSet", "SPLITS",
-    "Source", "StreamingTrainIterator", "SubsetSource", "TASKS", "TaskSpec", "TfdsImageSource",
+    "Source", "StreamingTrainIterator", "SubsetSource", "SyntheticTaskSource", "TASKS", "TaskSpec", "TfdsImageSource",
     "TfdsTaskSource", "UnknownTaskError", "VTAB_TASKS", "batch_indices", "cache_entry_dir",
     "canonical_name", "epoch_permutation", "few_shot_count", "few_shot_select", "gather_batch",
     "get_task", "load_arrays", "load_task_split", "stratified_split", "normalization_stats", "normalize",

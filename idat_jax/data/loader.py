@@ -12,9 +12,10 @@ from idat_jax.data import cache, vtab
 from idat_jax.data.base import DataError, Source, SubsetSource
 from idat_jax.data.folder import FolderTaskSource
 from idat_jax.data.image_folder import DEFAULT_FEW_SHOT_SEED, ImageFolderSource
+from idat_jax.data.synthetic import SyntheticTaskSource
 from idat_jax.data.tfds_backend import TfdsImageSource, TfdsTaskSource
 
-BACKENDS = ("tfds", "folder", "image_folder", "tfds_images")
+BACKENDS = ("tfds", "folder", "image_folder", "tfds_images", "synthetic")
 STRATIFIED_SIDES = ("train", "test")
 
 
@@ -37,7 +38,8 @@ def stratified_split(source: Source, train_fraction: float, side: str, seed: int
 
 def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend: str = "folder",
                     data_dir: str | None = None, num_classes: int | None = None,
-                    few_shot: float = 1.0, few_shot_seed: int = DEFAULT_FEW_SHOT_SEED) -> Source:
+                    few_shot: float = 1.0, few_shot_seed: int = DEFAULT_FEW_SHOT_SEED,
+                    image_size: int = 224) -> Source:
   """A random-access source of one split of a task.
 
   * ``tfds``: a VTAB-1K task; ``data_dir`` is the TFDS data dir (None: $TFDS_DATA_DIR or
@@ -48,6 +50,8 @@ def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend
     ``few_shot`` keeps that fraction of every class (WeCoLoRA).
   * ``tfds_images``: the TFDS image classification data set ``task`` (e.g. ``cifar100``), with
     the same few-shot rule.
+  * ``synthetic``: random ``image_size`` images with the registered task's split size and
+    class count (speed measurements without the data; see ``data/synthetic.py``).
   """
   if backend == "tfds":
     return TfdsTaskSource(task, split, data_dir)
@@ -64,6 +68,8 @@ def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend
                              seed=few_shot_seed)
   if backend == "tfds_images":
     return TfdsImageSource(task, split, data_dir, fraction=few_shot, seed=few_shot_seed)
+  if backend == "synthetic":
+    return SyntheticTaskSource(task, split, image_size)
   raise DataError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 

@@ -1,7 +1,7 @@
 """PyTorch baselines of the two training steps, written the way the reference code runs them.
 
 timm ViTs + iDAT's gist adapters (JCruan519/iDAT) or WeCoLoRA's LoRA on the six linears
-(dianagrigore/WeCoLoRA), torch AdamW, and CUDA AMP (fp16 autocast + GradScaler) when asked.
+(dianagrigore/WeCoLoRA), torch AdamW, and CUDA AMP (fp16 autocast + GradScalers) when asked.
 Used by ``scripts/benchmark.py`` to compare speed on the same device; needs torch and timm
 (``pip install -r requirements-test.txt``), which idat-jax itself does not depend on.
 """
@@ -113,40 +113,67 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas) -> torch.opti
                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
 
 
-def idat_step_fn(student: nn.Module, teacher: nn.Module, amp: bool) -> Callable:
-  """One iDAT step: CE(s) + CE(t) + MSE(z_s, z_t), one backward, an AdamW per model."""
+def autocast(device: str, amp: bool):
+  """The reference's mixed precision: fp16 autocast on CUDA (bf16 where CPU autocast is asked)."""
+  dtype = torch.float16 if device == "cuda" else torch.bfloat16
+  return torch.autocast(device, dtype=dtype, enabled=amp)
+
+
+def idat_step_fn(student: nn.Module, teacher: nn.Module, amp: bool,
+                 device: str = "cuda") -> Callable:
+  """One iDAT step as the reference runs it: CE(s) + CE(t) + MSE(z_s, z_t), an AdamW and a
+  GradScaler per model, and two backward passes through one graph.
+
+  With ``amp`` the order is the reference's: backward (graph retained), student step, second
+  backward, teacher step. In fp32 that order fails autograd's in-place check (the student
+  step changes weights the second backward reads; under autocast it reads their fp16 casts),
+  so both backward passes run before the two steps: the same work.
+  """
   opt_s = adamw(student, 1e-3, 5e-5, (0.9, 0.999))
   opt_t = adamw(teacher, 1e-3, 5e-5, (0.9, 0.999))
-  scaler = torch.amp.GradScaler("cuda", enabled=amp)
+  scaler_s = torch.amp.GradScaler(device, enabled=amp)
+  scaler_t = torch.amp.GradScaler(device, enabled=amp)
   student.train()
   teacher.train()
 
   def step(images, labels):
     opt_s.zero_grad(set_to_none=True)
     opt_t.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+    with autocast(device, amp):
       z_s, z_t = student(images), teacher(images)
       loss = (F.cross_entropy(z_s, labels) + F.cross_entropy(z_t, labels)
               + F.mse_loss(z_s.float(), z_t.float()))
-    scaler.scale(loss).backward()
-    scaler.step(opt_s)
-    scaler.step(opt_t)
-    scaler.update()
+    if amp:
+      scaler_s.scale(loss).backward(retain_graph=True)
+      scaler_s.step(opt_s)
+      scaler_s.update()
+      scaler_t.scale(loss).backward()
+      scaler_t.step(opt_t)
+      scaler_t.update()
+    else:
+      loss.backward(retain_graph=True)
+      loss.backward()
+      opt_s.step()
+      opt_t.step()
     return loss
 
   return step
 
 
-def wecolora_step_fn(teacher: nn.Module, student: nn.Module, amp: bool) -> Callable:
-  """One WeCoLoRA step: teacher under no_grad, L1 on last-block outputs, AdamW (0.9, 0.95)."""
+def wecolora_step_fn(teacher: nn.Module, student: nn.Module, amp: bool,
+                     device: str = "cuda") -> Callable:
+  """One WeCoLoRA step: teacher under no_grad, L1 on last-block outputs, AdamW (0.9, 0.95).
+
+  The reference distils in fp32; ``amp`` (fp16 autocast) makes the baseline faster, not slower.
+  """
   opt = adamw(student, 4e-3, 0.05, (0.9, 0.95))
-  scaler = torch.amp.GradScaler("cuda", enabled=amp)
+  scaler = torch.amp.GradScaler(device, enabled=amp)
   teacher.eval()
   student.train()
 
   def step(images, labels):
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+    with autocast(device, amp):
       with torch.no_grad():
         target = block_features(teacher, images)
       loss = (block_features(student, images).float() - target.float()).abs().mean()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import posixpath
 from typing import Callable, Iterator
 
 import jax
@@ -23,9 +24,15 @@ from idat_jax.data import loader, pipeline, preprocess
 from idat_jax.data.base import Source
 
 
+def sibling_dir(workdir: str, name: str) -> str:
+  """``<workdir>/../<name>``: where the runs of one sweep share caches (local or gs://)."""
+  if "://" in workdir:
+    return posixpath.join(posixpath.dirname(workdir.rstrip("/")), name)
+  return os.path.join(os.path.dirname(os.path.abspath(workdir)), name)
+
+
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)),
-                                               "cache")
+  return config.data.cache_dir or sibling_dir(workdir, "cache")
 
 
 def build_source(config: ml_collections.ConfigDict, split: str) -> Source:
@@ -45,7 +52,7 @@ def build_source(config: ml_collections.ConfigDict, split: str) -> Source:
       data_dir=(d.tfds_data_dir if d.backend.startswith("tfds") else d.root) or None,
       num_classes=d.num_classes if d.backend == "folder" else None,
       few_shot=d.few_shot_ratio if is_train and not d.stratified_split else 1.0,
-      few_shot_seed=d.few_shot_seed)
+      few_shot_seed=d.few_shot_seed, image_size=d.image_size)
   if d.stratified_split:
     source = loader.stratified_split(source, d.stratified_split,
                                      "train" if is_train else "test", d.stratified_seed)
