@@ -170,7 +170,10 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
   if path == "none":
     return None
   # A cache the user already chose (JAX_COMPILATION_CACHE_DIR) wins over the default place.
-  path = path or jax.config.jax_compilation_cache_dir or inputs.sibling_dir(workdir, "jax_cache")
+  # Cloud work dirs (gs://) get a host-local cache: every host compiles its own programs.
+  default = (os.path.expanduser("~/.cache/idat_jax/jax_cache") if "://" in workdir
+             else inputs.sibling_dir(workdir, "jax_cache"))
+  path = path or jax.config.jax_compilation_cache_dir or default
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   logging.info("persistent compilation cache: %s", path)

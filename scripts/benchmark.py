@@ -29,6 +29,9 @@ import sys
 import tempfile
 import time
 
+# JAX preallocates 75% of a GPU by default; the PyTorch baseline shares the device.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,10 +46,10 @@ TINY_T = dict(width=32, depth=4, num_heads=2, mlp_dim=128, patch_size=8)
 PRESETS = {
     "cpu": dict(student=TINY_S, teacher=TINY_T, variants=("custom", "custom"), image_size=32,
                 batches=(64, 256), weco_batch=64, rank=8, eval_batch=256, dtype="float32",
-                warmup=2, steps=5, matmul=1024, torch_amp=False),
+                warmup=2, steps=5, rounds=5, matmul=1024, torch_amp=False),
     "h100": dict(student={}, teacher={}, variants=("B/16", "S/16"), image_size=224,
                  batches=(64, 256), weco_batch=128, rank=128, eval_batch=512, dtype="bfloat16",
-                 warmup=5, steps=20, matmul=8192, torch_amp=True),
+                 warmup=5, steps=20, rounds=3, matmul=8192, torch_amp=True),
 }
 VTAB_EPOCHS, VTAB_STEPS_PER_EPOCH, VTAB_BATCH = 110, 15, 64
 BENCH_TASK = "cifar"  # 100 classes
@@ -120,7 +123,11 @@ def timed(fn, args, warmup, steps, carry=False):
 
 def train_step_bench(config, workdir: str, p):
   """The trainer's own jitted step (batch gathered on device from the resident synthetic set,
-  normalised, loss, gradients of the trainable tree, AdamW), timed as the loop runs it."""
+  normalised, loss, gradients of the trainable tree, AdamW), timed as the loop runs it.
+
+  Returns the setup, the measurement and ``runner``: one more synchronised step (seconds), for
+  the rounds interleaved with the PyTorch baseline.
+  """
   s = train.setup(config, workdir)
   step = train.make_train_step(s)
   data = s.train_data.resident
@@ -130,10 +137,16 @@ def train_step_bench(config, workdir: str, p):
   secs, (state, _) = timed(compiled, (s.state, s.frozen, data), p["warmup"], p["steps"],
                            carry=True)
   s.state = state  # the initial arrays were donated
+
+  def runner() -> float:
+    t = time.perf_counter()
+    s.state = sync(compiled(s.state, s.frozen, data)[0])
+    return time.perf_counter() - t
+
   b = config.batch_size
   flops = flop_count(compiled)
   return s, dict(step_ms=secs * 1e3, images_per_s=b / secs, compile_s=compile_s, flops=flops,
-                 tflops_per_s=flops / secs / 1e12)
+                 tflops_per_s=flops / secs / 1e12), runner
 
 
 def flop_count(compiled) -> float:
@@ -176,7 +189,9 @@ def peak_memory_gb():
   return None if peak is None else peak / 2 ** 30
 
 
-def torch_bench(p):
+def torch_runners(p) -> dict:
+  """PyTorch steps keyed like ours: ``{key: (runner, batch)}`` plus ``meta``; a runner does one
+  synchronised step and returns its seconds."""
   shim = os.path.join(REPO, "tests", "torchvision_shim")
   if importlib.util.find_spec("torchvision") is None and os.path.isdir(shim):
     sys.path.insert(0, shim)  # timm imports a few torchvision modules (see the shim's README)
@@ -184,7 +199,7 @@ def torch_bench(p):
     import torch
     from idat_jax.reference import torch_baseline as tb
   except ImportError as e:
-    return {"skipped": f"torch/timm not importable: {e}"}
+    return {"meta": {"skipped": f"torch/timm not importable: {e}"}}
   from idat_jax.models import variant_kwargs
   device = "cuda" if torch.cuda.is_available() else "cpu"
   amp = p["torch_amp"] and device == "cuda"
@@ -197,26 +212,42 @@ def torch_bench(p):
     return tb.timm_vit(a["width"], a["depth"], a["num_heads"], a["mlp_dim"], a["patch_size"],
                        p["image_size"], classes).to(device)
 
-  def median_step(step, x, y, b):
-    times = tb.time_steps(step, x, y, warmup=p["warmup"], steps=p["steps"], device=device)
-    secs = statistics.median(times)
-    return dict(step_ms=secs * 1e3, images_per_s=b / secs)
+  def runner(step, x, y):
+    tb.time_steps(step, x, y, warmup=p["warmup"], steps=0, device=device)
+    return lambda: tb.time_steps(step, x, y, warmup=0, steps=1, device=device)[0]
 
-  out = {"device": device, "amp": amp, "torch": torch.__version__}
+  out = {"meta": {"device": device, "amp": amp, "torch": torch.__version__}}
   size = p["image_size"]
   for b in p["batches"]:
     student = tb.add_gist_adapters(vit(0, 100))
     teacher = tb.add_gist_adapters(vit(1, 100))
     x = torch.randn(b, 3, size, size, device=device)
     y = torch.randint(0, 100, (b,), device=device)
-    out[f"idat_b{b}"] = median_step(tb.idat_step_fn(student, teacher, amp, device), x, y, b)
+    out[f"idat_b{b}"] = (runner(tb.idat_step_fn(student, teacher, amp, device), x, y), b)
   teacher = vit(0, 0)
   student = tb.weco_student(teacher, 2, p["rank"]).to(device)
   b = p["weco_batch"]
   x = torch.randn(b, 3, size, size, device=device)
-  out[f"wecolora_b{b}"] = median_step(tb.wecolora_step_fn(teacher, student, amp, device), x,
-                                      None, b)
+  out[f"wecolora_b{b}"] = (runner(tb.wecolora_step_fn(teacher, student, amp, device), x, None),
+                           b)
   return out
+
+
+def paired_rounds(ours, theirs, rounds: int, steps: int) -> dict:
+  """Alternating rounds of ``steps`` steps of each side; medians per round, then over rounds.
+
+  A shared machine's load drifts: timing both sides in the same rounds and taking the median
+  of the per-round ratios keeps the comparison fair where a single pass each is not.
+  """
+  ours_s, theirs_s, ratios = [], [], []
+  for _ in range(rounds):
+    a = statistics.median(ours() for _ in range(steps))
+    b = statistics.median(theirs() for _ in range(steps))
+    ours_s.append(a)
+    theirs_s.append(b)
+    ratios.append(b / a)
+  return dict(ours_s=statistics.median(ours_s), theirs_s=statistics.median(theirs_s),
+              ratio=statistics.median(ratios), ratio_range=(min(ratios), max(ratios)))
 
 
 def vtab_estimate(step64_ms, eval_images_per_s):
@@ -321,24 +352,46 @@ def run(preset: str, with_torch: bool, attention: str, protocol_tasks=(),
       p["matmul"], jnp.bfloat16 if dev.platform in ("gpu", "tpu") else jnp.float32)
   with tempfile.TemporaryDirectory() as tmp:
     if steps:
-      step_benchmarks(res, p, attention, mesh, rng, tmp)
+      runners = step_benchmarks(res, p, attention, mesh, rng, tmp)
+      if with_torch:
+        compare_with_torch(res, p, runners)
+      if "step_ms" in res["idat_b64"] and "eval" in res:
+        per_task = vtab_estimate(res["idat_b64"]["step_ms"], res["eval"]["images_per_s"])
+        res["vtab_protocol_minutes"] = sum(per_task.values()) / 60
     if protocol_tasks:
       res["protocol"] = protocol_bench(p, protocol_tasks, attention, os.path.join(tmp, "vtab"))
   res["peak_memory_gb"] = peak_memory_gb()
-  if with_torch and steps:
-    res["torch"] = torch_bench(p)
   return res
 
 
-def step_benchmarks(res: dict, p, attention: str, mesh, rng, tmp: str) -> None:
+def compare_with_torch(res: dict, p, runners: dict) -> None:
+  """Our steps and PyTorch's in interleaved rounds (see :func:`paired_rounds`)."""
+  theirs = torch_runners(p)
+  res["torch"] = theirs.pop("meta")
+  for key, (torch_runner, batch) in theirs.items():
+    if key not in runners:
+      continue
+    pr = paired_rounds(runners[key], torch_runner, p["rounds"], p["steps"])
+    r = res[key]
+    r.update(step_ms=pr["ours_s"] * 1e3, images_per_s=batch / pr["ours_s"],
+             tflops_per_s=r["flops"] / pr["ours_s"] / 1e12, ratio=pr["ratio"],
+             ratio_range=pr["ratio_range"])
+    r["mfu"] = r["tflops_per_s"] / res["peak_matmul_tflops"]
+    res["torch"][key] = dict(step_ms=pr["theirs_s"] * 1e3, images_per_s=batch / pr["theirs_s"])
+
+
+def step_benchmarks(res: dict, p, attention: str, mesh, rng, tmp: str) -> dict:
+  """Fills ``res`` with our steps' measurements; returns their runners by key."""
   dev = jax.devices()[0]
+  runners = {}
   attentions = [attention] + (["cudnn"] if dev.platform == "gpu" and attention != "cudnn"
                               else [])
   for b in p["batches"]:
     for impl in attentions:
       key = f"idat_b{b}" + ("" if impl == attention else f"_{impl}")
       try:
-        s, r = train_step_bench(idat_config(p, b, impl), os.path.join(tmp, key), p)
+        s, r, runners[key] = train_step_bench(idat_config(p, b, impl), os.path.join(tmp, key),
+                                              p)
       except Exception as e:  # e.g. cuDNN attention unsupported here: report, go on
         res[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         continue
@@ -349,17 +402,16 @@ def step_benchmarks(res: dict, p, attention: str, mesh, rng, tmp: str) -> None:
         batch = synthetic_batch(p["eval_batch"], p, mesh, rng, with_mask=True)
         res["eval"] = forward_bench(eval_step, (s.state["trainable"], s.frozen,
                                                 s.state["extra"], batch), p["eval_batch"], p)
-  s, r = train_step_bench(weco_config(p, attention), os.path.join(tmp, "weco"), p)
+  key = f"wecolora_b{p['weco_batch']}"
+  s, r, runners[key] = train_step_bench(weco_config(p, attention), os.path.join(tmp, "weco"), p)
   r["mfu"] = r["tflops_per_s"] / res["peak_matmul_tflops"]
-  res[f"wecolora_b{p['weco_batch']}"] = r
+  res[key] = r
   teacher = s.method._specs()["teacher"].module
   feats = lambda prm, x: teacher.apply({"params": prm}, x, features=True)["pooled"]
   x = jnp.asarray(synthetic_batch(p["eval_batch"], p, mesh, rng)["image"], p["dtype"])
   res["probe_features"] = forward_bench(feats, (s.frozen["teacher"], x), p["eval_batch"], p)
   res["streamed_input"] = streaming_bench(p, mesh, rng, os.path.join(tmp, "jpegs"))
-  if "step_ms" in res["idat_b64"] and "eval" in res:
-    per_task = vtab_estimate(res["idat_b64"]["step_ms"], res["eval"]["images_per_s"])
-    res["vtab_protocol_minutes"] = sum(per_task.values()) / 60
+  return runners
 
 
 def to_markdown(res: dict) -> str:
@@ -374,6 +426,9 @@ def to_markdown(res: dict) -> str:
   if "protocol" in res:
     lines += protocol_table(res["protocol"])
   torch_res = res.get("torch", {})
+  if "ratio_range" in res.get("idat_b64", {}):
+    lines.append(f"Ratios: median over {PRESETS[res['preset']]['rounds']} interleaved rounds "
+                 "(ours, then PyTorch, each the median of its steps); range in brackets.")
   if "skipped" in torch_res:
     lines.append(f"PyTorch baseline skipped: {torch_res['skipped']}")
   elif torch_res:
@@ -392,7 +447,12 @@ def step_table(res: dict) -> list[str]:
       lines.append(f"| {key} | failed: {r['error']} | | | | | | |")
       continue
     theirs = f"{t['images_per_s']:.0f}" if t else "-"
-    ratio = f"{r['images_per_s'] / t['images_per_s']:.2f}x" if t else "-"
+    ratio = "-"
+    if "ratio" in r:
+      lo, hi = r["ratio_range"]
+      ratio = f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f})"
+    elif t:
+      ratio = f"{r['images_per_s'] / t['images_per_s']:.2f}x"
     lines.append(f"| {key} | {r['step_ms']:.2f} | {r['images_per_s']:.0f} | "
                  f"{r['compile_s']:.1f} | {r['tflops_per_s']:.3f} | {r['mfu']:.1%} | "
                  f"{theirs} | {ratio} |")
