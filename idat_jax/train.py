@@ -160,20 +160,31 @@ def make_optimizer(ocfg: ml_collections.ConfigDict, schedule, trainable_params):
   return optim.with_accumulation(tx, ocfg.accum_steps) if ocfg.accum_steps > 1 else tx
 
 
+def compilation_cache_path(config: ml_collections.ConfigDict, workdir: str,
+                           current: str | None = None) -> str | None:
+  """Where the persistent compilation cache goes: ``config.compilation_cache_dir``; else a
+  cache the user already chose (``current``: $JAX_COMPILATION_CACHE_DIR); else
+  ``<workdir>/../jax_cache``, shared by a sweep; gs:// work dirs get a host-local cache (every
+  host compiles its own programs). ``'none'``: no cache."""
+  path = config.compilation_cache_dir
+  if path == "none":
+    return None
+  if path or current:
+    return path or current
+  if "://" in workdir:
+    return os.path.expanduser("~/.cache/idat_jax/jax_cache")
+  return inputs.sibling_dir(workdir, "jax_cache")
+
+
 def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Turns on JAX's persistent compilation cache (``config.compilation_cache_dir``).
+  """Turns on JAX's persistent compilation cache (see :func:`compilation_cache_path`).
 
   Compiling the models' init, the train step and the eval step is a fixed cost of every run
   (see docs/performance.md); with the cache only the first run of a sweep pays it.
   """
-  path = config.compilation_cache_dir
-  if path == "none":
+  path = compilation_cache_path(config, workdir, jax.config.jax_compilation_cache_dir)
+  if path is None:
     return None
-  # A cache the user already chose (JAX_COMPILATION_CACHE_DIR) wins over the default place.
-  # Cloud work dirs (gs://) get a host-local cache: every host compiles its own programs.
-  default = (os.path.expanduser("~/.cache/idat_jax/jax_cache") if "://" in workdir
-             else inputs.sibling_dir(workdir, "jax_cache"))
-  path = path or jax.config.jax_compilation_cache_dir or default
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   logging.info("persistent compilation cache: %s", path)

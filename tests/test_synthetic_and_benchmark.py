@@ -171,3 +171,16 @@ def test_torch_baseline_idat_step_trains_both_models_only_in_their_adapters_and_
     for k, v in model.state_dict().items():
       moved = not torch.equal(v, before[f"{m}.{k}"])
       assert moved == ("gist" in k or k.startswith("head.")), (m, k)
+
+
+def test_compilation_cache_location():
+  from idat_jax import config_lib, train
+  c = config_lib.base_config()
+  assert train.compilation_cache_path(c, "/runs/sweep/dtd") == "/runs/sweep/jax_cache"
+  assert train.compilation_cache_path(c, "/runs/sweep/dtd", current="/env/cache") == "/env/cache"
+  assert train.compilation_cache_path(c, "gs://bucket/runs/dtd") == os.path.expanduser(
+      "~/.cache/idat_jax/jax_cache")  # never a cloud path: every host compiles for itself
+  c.compilation_cache_dir = "/explicit"
+  assert train.compilation_cache_path(c, "/runs/x", current="/env/cache") == "/explicit"
+  c.compilation_cache_dir = "none"
+  assert train.compilation_cache_path(c, "/runs/x", current="/env/cache") is None
