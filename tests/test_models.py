@@ -738,3 +738,31 @@ def test_bad_inputs_raise_clear_errors():
     param_shapes(tiny(num_heads=5))
   with pytest.raises(ValueError, match="patch size"):
     param_shapes(tiny(patch_size=5))
+
+
+@pytest.mark.parametrize("x_shape,a_shape,b_shape,n_in", [
+    ((4, 9, 32), (32, 8), (8, 48), 1),          # fc1-like
+    ((4, 9, 32), (32, 8), (8, 2, 16), 1),       # query: (heads, head_dim) outputs
+    ((2, 9, 2, 16), (2, 16, 4), (4, 32), 2),    # out projection: (heads, head_dim) inputs
+])
+def test_low_rank_update_gradients_equal_autodiff(x_shape, a_shape, b_shape, n_in):
+  # The custom backward pass only reorders the weight-gradient products (docs/performance.md).
+  from jax import lax
+  from idat_jax.models.layers import low_rank_update
+  ks = jax.random.split(jax.random.key(0), 4)
+  x, a, b = (jax.random.normal(k, s) for k, s in zip(ks, (x_shape, a_shape, b_shape)))
+  target = jax.random.normal(ks[3], x_shape[:x.ndim - n_in] + b_shape[1:])
+
+  def plain(x, a, b):
+    h = lax.dot_general(x, a, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
+                               ((), ())))
+    return lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+
+  loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)) * target)
+  ours = jax.jit(jax.value_and_grad(loss(lambda *t: low_rank_update(*t, n_in)),
+                                    argnums=(0, 1, 2)))(x, a, b)
+  ref = jax.jit(jax.value_and_grad(loss(plain), argnums=(0, 1, 2)))(x, a, b)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
+  for got, want in zip(ours[1], ref[1]):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))

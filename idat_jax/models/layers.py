@@ -9,6 +9,7 @@ checkpoint keys.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -34,6 +35,41 @@ def normal_around(mean: float, stddev: float) -> Initializer:
   return init
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, n_in: int) -> jax.Array:
+  """``(x A) B`` over the trailing ``n_in`` axes of ``x``; A is ``in_shape + (r,)``, B is
+  ``(r,) + out_shape``.
+
+  The custom backward pass fixes the operand order of the weight-gradient products so that
+  the large activation ``x`` is used as it lies and only the rank-r tensors are transposed:
+  ``dA^T = dh^T x``. Plain autodiff gives ``dA = x^T dh``; XLA:CPU then copies a transposed
+  ``x`` for every LoRA matrix (a third of the WeCoLoRA step; docs/performance.md). The values
+  are the same products, so the gradients are those of autodiff.
+  """
+  return _low_rank_fwd(x, a, b, n_in)[0]
+
+
+def _low_rank_fwd(x, a, b, n_in):
+  contract_in = tuple(range(x.ndim - n_in, x.ndim))
+  h = lax.dot_general(x, a, ((contract_in, tuple(range(n_in))), ((), ())))
+  y = lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+  return y, (x, a, b, h)
+
+
+def _low_rank_bwd(n_in, residuals, g):
+  x, a, b, h = residuals
+  lead = tuple(range(x.ndim - n_in))
+  dh = lax.dot_general(g, b, ((tuple(range(len(lead), g.ndim)), tuple(range(1, b.ndim))),
+                              ((), ())))
+  db = lax.dot_general(h, g, ((lead, lead), ((), ())))
+  da = jnp.moveaxis(lax.dot_general(dh, x, ((lead, lead), ((), ()))), 0, -1)
+  dx = lax.dot_general(dh, a, (((dh.ndim - 1,), (a.ndim - 1,)), ((), ())))
+  return dx, da, db
+
+
+low_rank_update.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 class LoraBranch(nn.Module):
   """The low-rank update ``scale * (x A) B`` of a projection; B starts at zero."""
   in_shape: tuple[int, ...]
@@ -48,10 +84,7 @@ class LoraBranch(nn.Module):
     a = self.param("a", lambda k, s: kaiming_uniform_fan_in(k, s, fan_in=fan_in),
                    self.in_shape + (self.rank,))
     b = self.param("b", nn.initializers.zeros, (self.rank,) + self.out_shape)
-    n_in = len(self.in_shape)
-    h = lax.dot_general(x, a.astype(self.dtype),
-                        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
-    y = lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    y = low_rank_update(x, a.astype(self.dtype), b.astype(self.dtype), len(self.in_shape))
     return y * jnp.asarray(self.scale, self.dtype)
 
 
