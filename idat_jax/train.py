@@ -113,8 +113,9 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
       logging.info("%s <- %s\n%s", name, spec.checkpoint, report)
       given = unflatten({k: v for k, v in flatten(merged).items()
                          if not isinstance(v, jax.ShapeDtypeStruct)})
-    variables = jax.jit(init_missing(spec.module), out_shardings=replicated)(
-        key, example, jax.device_put(given, replicated))
+    # ``given`` is donated: the checkpoint's arrays pass through without a device copy.
+    variables = jax.jit(init_missing(spec.module), out_shardings=replicated,
+                        donate_argnums=(2,))(key, example, jax.device_put(given, replicated))
     init = variables["params"]
     collections = {k: v for k, v in variables.items() if k != "params"}
     if collections:

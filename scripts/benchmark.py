@@ -158,7 +158,6 @@ def flop_count(compiled) -> float:
 
 def forward_bench(fn, args, batch_size, p):
   """A jitted forward over ``args`` (the last being the batch): images/s and FLOP/s."""
-  compiled, compile_s = None, 0.0
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0

@@ -23,16 +23,12 @@ class SyntheticTaskSource(Source):
   several processes agree; label ``i % num_classes``.
   """
 
-  def __init__(self, task: str, split: str, image_size: int,
-               num_examples: int | None = None):
+  def __init__(self, task: str, split: str, image_size: int):
     spec = vtab.get_task(task)
     if image_size <= 0:
       raise DataError(f"synthetic images need a positive size, got {image_size}")
     self.task, self.split, self.image_size = spec.name, vtab.check_split(split), image_size
-    self.num_examples = spec.split_size(split) if num_examples is None else int(num_examples)
-    if self.num_examples <= 0:
-      raise DataError(f"synthetic {spec.name}/{split}: need at least one example, "
-                      f"got {self.num_examples}")
+    self.num_examples = spec.split_size(split)
     self.num_classes = spec.num_classes
     self.name = f"synthetic/{spec.name}/{split}"
     self._seed = zlib.crc32(self.name.encode())
