@@ -123,7 +123,7 @@ def test_disk_cache_second_load_does_not_decode(tmp_path, monkeypatch):
   first = data.load_arrays(source, 8, cache_dir=str(cache_dir))
   entry = data.cache_entry_dir(str(cache_dir), source, 8)
   assert entry.startswith(str(cache_dir / "folder" / "dtd" / "test_8px_"))
-  assert sorted(os.listdir(entry)) == ["images.npy", "labels.npy", "meta.json"]
+  assert sorted(os.listdir(entry)) == ["images.npy", "labels.npy", "meta.json", "stamps.npy"]
 
   def no_decoding(*args, **kwargs):
     raise AssertionError("image decoded although cached")

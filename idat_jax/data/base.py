@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import abc
+import hashlib
+import os
 from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from idat_jax.errors import IdatError
+
 # A decoded image: an RGB PIL image or an (H, W, 3) uint8 array, at its native size.
 ImageLike = Union[Image.Image, np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(IdatError, ValueError):
   """Bad or missing input data. Messages name the file, line, directory or task at fault."""
 
 
@@ -56,6 +60,14 @@ class Source(abc.ABC):
   def fingerprint(self) -> str:
     """A string that changes when the underlying data changes (part of the cache key)."""
     return f"{type(self).__name__}:{self.name}:{len(self)}"
+
+  def file_stamps(self) -> np.ndarray | None:
+    """(N, 2) int64 (size, mtime_ns) of each example's image file, or None (no files).
+
+    The decode cache compares them on every load, so an image replaced in place is decoded
+    again (only that entry) although the list of examples did not change.
+    """
+    return None
 
   def check_label(self, label: int, where: str) -> int:
     if not 0 <= label < self.num_classes:
@@ -115,7 +127,27 @@ class SubsetSource(Source):
     return None if parts is None else parts[:-1] + (self.name.replace("/", "_"),)
 
   def fingerprint(self) -> str:
-    return f"{self.source.fingerprint()}|{self.name}|{hash(self.indices.tobytes())}"
+    # hashlib, not hash(): bytes hashes are salted per process, which made every run miss
+    # the cache of a stratified split.
+    digest = hashlib.sha1(self.indices.tobytes()).hexdigest()[:16]
+    return f"{self.source.fingerprint()}|{self.name}|{digest}"
+
+  def file_stamps(self) -> np.ndarray | None:
+    stamps = self.source.file_stamps()
+    return None if stamps is None else stamps[self.indices]
+
+
+def stat_files(paths: Sequence[str]) -> np.ndarray:
+  """(N, 2) int64 (size, mtime_ns) of files; a missing file gets (-1, -1) (decoding then
+  names it)."""
+  out = np.full((len(paths), 2), -1, np.int64)
+  for i, path in enumerate(paths):
+    try:
+      st = os.stat(path)
+    except OSError:
+      continue
+    out[i] = (st.st_size, st.st_mtime_ns)
+  return out
 
 
 def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:

@@ -9,13 +9,14 @@ line at fault.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
 import numpy as np
 
 from idat_jax.data import preprocess, vtab
-from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source
+from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, stat_files
 
 LIST_LINE_FORMAT = "<relative/image/path> <int label>"
 TASK_METADATA = "task.json"  # optional, written by digits.py: {"num_classes": ...}
@@ -37,22 +38,27 @@ def read_list_file(list_file: str) -> list[ListEntry]:
         "(the NOAH/SSF layout); export one from TFDS with "
         "python scripts/prepare_vtab.py --tasks <task> --export_folder <root>")
   entries = []
-  with open(list_file, encoding="utf-8") as f:
-    for lineno, raw in enumerate(f, start=1):
-      line = raw.strip()
-      if not line:
-        continue
-      parts = line.rsplit(maxsplit=1)
-      if len(parts) != 2:
-        raise DataError(f"{list_file}:{lineno}: malformed line {line!r}; expected "
-                        f"'{LIST_LINE_FORMAT}'")
-      path, label = parts
-      try:
-        label_value = int(label)
-      except ValueError:
-        raise DataError(f"{list_file}:{lineno}: malformed line {line!r}; label {label!r} is "
-                        f"not an integer (expected '{LIST_LINE_FORMAT}')") from None
-      entries.append(ListEntry(path=path, label=label_value, line=lineno))
+  try:
+    with open(list_file, "rb") as f:
+      text = f.read().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{list_file}: not UTF-8 text (byte {e.start}: {e.reason}); list files "
+                    f"hold lines '{LIST_LINE_FORMAT}' in UTF-8") from None
+  for lineno, raw in enumerate(text.splitlines(), start=1):
+    line = raw.strip()
+    if not line:
+      continue
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2:
+      raise DataError(f"{list_file}:{lineno}: malformed line {line!r}; expected "
+                      f"'{LIST_LINE_FORMAT}'")
+    path, label = parts
+    try:
+      label_value = int(label)
+    except ValueError:
+      raise DataError(f"{list_file}:{lineno}: malformed line {line!r}; label {label!r} is "
+                      f"not an integer (expected '{LIST_LINE_FORMAT}')") from None
+    entries.append(ListEntry(path=path, label=label_value, line=lineno))
   return entries
 
 
@@ -65,8 +71,16 @@ def folder_num_classes(task_dir: str, task: str) -> int:
   """Number of classes: ``task.json``, else the registry, else the largest listed label + 1."""
   meta = os.path.join(task_dir, TASK_METADATA)
   if os.path.isfile(meta):
-    with open(meta, encoding="utf-8") as f:
-      return int(json.load(f)["num_classes"])
+    try:
+      with open(meta, encoding="utf-8") as f:
+        value = json.load(f)["num_classes"]
+      if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"num_classes {value!r} is not a positive integer")
+      return int(value)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError too
+      raise DataError(f"{meta}: invalid task metadata ({type(e).__name__}: {e}); expected "
+                      '{"num_classes": <positive int>} in UTF-8 JSON, or delete the file to '
+                      "count the classes from the list files") from None
   if vtab.is_registered(task):
     return vtab.get_task(task).num_classes
   labels = []
@@ -125,6 +139,11 @@ class FolderTaskSource(Source):
     return ("folder", self.task, self.split)
 
   def fingerprint(self) -> str:
-    stat = os.stat(self.list_file)
-    return (f"folder:{os.path.abspath(self.list_file)}:{stat.st_size}:{stat.st_mtime_ns}:"
-            f"{len(self.entries)}:{self.num_classes}")
+    # The list's content, not its mtime: a touched list keeps its cache; changed images are
+    # caught per entry by file_stamps.
+    digest = hashlib.sha1("\n".join(f"{e.path} {e.label}" for e in self.entries)
+                          .encode()).hexdigest()
+    return f"folder:{os.path.abspath(self.list_file)}:{digest}:{self.num_classes}"
+
+  def file_stamps(self) -> np.ndarray:
+    return stat_files([os.path.join(self.task_dir, e.path) for e in self.entries])

@@ -16,7 +16,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 from idat_jax.data import preprocess
-from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source
+from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, stat_files
 
 K = TypeVar("K")
 DEFAULT_FEW_SHOT_SEED = 12  # WeCoLoRA's random_state
@@ -111,3 +111,6 @@ class ImageFolderSource(Source):
   def fingerprint(self) -> str:
     digest = hashlib.sha1("\n".join(self.paths).encode()).hexdigest()
     return f"image_folder:{os.path.abspath(self.root)}:{len(self.paths)}:{digest}"
+
+  def file_stamps(self) -> np.ndarray:
+    return stat_files([os.path.join(self.root, p) for p in self.paths])

@@ -71,9 +71,46 @@ def to_pil(image: ImageLike) -> Image.Image:
   return Image.fromarray(array, "RGB")
 
 
+# Single-channel modes with more than 8 bits per pixel (16-bit PNG/TIFF, 32-bit int, float).
+# PIL's convert('RGB') clips these at 255, which turns almost every pixel of a 16-bit image
+# white; they are rescaled by the image's own range instead (see to_8bit).
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+  """A wide single-channel image as 8-bit grey, by its own value range.
+
+  The rule: ``round(255 * (x - min) / (max - min))`` over the image's finite pixels (NaN
+  becomes 0); a constant image becomes all zeros. Each image is stretched on its own, as
+  medical and remote-sensing viewers do for 12- to 16-bit data, so that the full uint8 range
+  carries the image's contrast whatever its bit depth.
+  """
+  array = np.asarray(image, np.float64)
+  finite = np.isfinite(array)
+  if not finite.any():
+    return Image.fromarray(np.zeros(array.shape, np.uint8), "L")
+  lo, hi = float(array[finite].min()), float(array[finite].max())
+  scaled = np.zeros(array.shape, np.float64)
+  if hi > lo:
+    scaled = np.where(finite, (array - lo) * (255.0 / (hi - lo)), 0.0)
+  return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def load_image_file(path: str | os.PathLike) -> Image.Image:
-  """Decodes an image file to RGB like torchvision's default loader (``convert('RGB')``)."""
+  """Decodes an image file to RGB like torchvision's default loader (``convert('RGB')``).
+
+  16-bit, 32-bit and float single-channel images are first mapped to 8 bits by
+  :func:`to_8bit`; a mode PIL cannot convert to RGB raises ``ValueError`` (callers name the
+  file).
+  """
   with Image.open(path) as image:
+    if image.mode in WIDE_MODES:
+      image.load()
+      return to_8bit(image).convert("RGB")
+    if image.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                          "YCbCr", "LAB", "HSV"):
+      raise ValueError(f"image mode {image.mode!r} cannot be converted to 8-bit RGB "
+                       "faithfully; convert the file to an 8- or 16-bit PNG or a JPEG")
     return image.convert("RGB")
 
 
