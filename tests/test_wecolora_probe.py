@@ -83,3 +83,52 @@ def test_head_init_is_timm_trunc_normal_std_001():
   beyond = np.mean(np.abs(w) > 0.02)
   assert beyond == pytest.approx(0.0455, abs=0.003)  # P(|z| > 2) of a normal
   assert np.abs(w).max() < 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# describe(): what each run reports about itself in its summary and results.csv.
+
+def _config_module(name):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("arg,backbone,reduction", [
+    ("r=1", "teacher", 1), ("r=2", "copied", 2), ("r=3,student_run=runs/weco/r3", "distilled", 3)])
+def test_probe_describes_its_backbone(arg, backbone, reduction):
+  c = _config_module("wecolora_linprobe").get_config(arg)
+  method = build_method(c)
+  facts = method.describe()
+  assert facts["backbone"] == backbone and facts["reduction"] == reduction
+  assert facts["student_run"] == ("runs/weco/r3" if backbone == "distilled" else "")
+  assert facts["task"] == c.data.task
+  assert "tuning" not in facts  # a probe has no tuning mode of the student
+  method.train_examples = 123
+  assert method.describe()["train_images"] == 123
+
+
+def test_distillation_describes_its_data():
+  c = _config_module("wecolora_distill").get_config("r=3,ratio=0.1,student=weco_kd")
+  c.data.root = "/data/imagenet/train"
+  method = build_method(c)
+  facts = method.describe()
+  assert facts["data"] == "/data/imagenet/train" and facts["few_shot_ratio"] == 0.1
+  assert (facts["student"], facts["reduction"]) == ("weco_kd", 3)
+  assert "train_images" not in facts and "tuning" not in facts
+  method.train_examples = 12811
+  assert method.describe()["train_images"] == 12811
+  lora = build_method(_config_module("wecolora_distill").get_config("lora=plain,rank=64"))
+  assert (lora.describe()["lora_rank"], lora.describe()["lora_targets"]) == (64, "plain")
+
+
+def test_supervised_default_description():
+  c = config_lib.base_config()
+  c.method = "supervised"
+  c.data.task = "dtd"
+  assert build_method(c).describe() == {"task": "dtd", "tuning": "gist_seq_adapter"}

@@ -46,9 +46,23 @@ class Method:
   name: str = ""
   # The model whose predictions are evaluated (None: the method has no classifier).
   eval_model: str | None = None
+  # The key of ``train.evaluate``'s result that the trainer reports as best / last
+  # ('top1': top-1 %, 'mean_auroc': mean AUROC % over labels of a multi-label probe).
+  eval_metric: str = "top1"
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    # Training examples the run reads, when the trainer knows them (reported by describe()).
+    self.train_examples: int | None = None
+
+  def describe(self) -> dict[str, Any]:
+    """The facts that identify this run in its summary and ``results.csv`` (JSON values).
+
+    The default suits supervised tuning: the task and the student's tuning mode. Methods
+    where those fields would mislead (a probe has no tuning mode; a distillation reads an
+    image folder, not a task) report their own.
+    """
+    return {"task": self.config.data.task, "tuning": self.config.models.student.tuning.mode}
 
   def models(self) -> dict[str, ModelSpec]:
     raise TypeError(f"{type(self).__name__} must define models()")

@@ -136,6 +136,25 @@ class WeCoLoRA(Method):
                  for k, j in enumerate(ends)) / len(ends)
     return loss, {"loss": loss}, extra
 
+  def describe(self) -> dict[str, Any]:
+    """What was distilled from what, on which images (path, few-shot fraction, count)."""
+    c, w = self.config, self.config.wecolora
+    d = c.data
+    if d.backend.startswith("tfds"):
+      data = f"tfds:{d.task}" + (f" ({d.tfds_data_dir})" if d.tfds_data_dir else "")
+    else:
+      data = d.root or d.task
+    out = {"task": "distill", "data": data, "data_split": d.train_split,
+           "few_shot_ratio": d.few_shot_ratio, "student": w.student, "reduction": w.reduction,
+           "teacher": c.models.teacher.checkpoint, "distill_loss": w.loss}
+    if w.student == "lora":
+      t = c.models.student.tuning
+      out.update(lora_rank=t.lora_rank, lora_targets=(
+          t.lora_targets if isinstance(t.lora_targets, str) else ",".join(t.lora_targets)))
+    if self.train_examples is not None:
+      out["train_images"] = int(self.train_examples)
+    return out
+
   def checkpoint_meta(self) -> dict[str, Any]:
     w = self.config.wecolora
     return {"wecolora": {"reduction": w.reduction, "teacher_blocks": self.teacher_blocks,
@@ -292,6 +311,21 @@ class LinearProbe(Method):
     specs["probe"] = ModelSpec(probe, "", [("head/.*", True)],
                                example_input=jnp.zeros((2, backbone.width), jnp.float32))
     return specs
+
+  def describe(self) -> dict[str, Any]:
+    """The data set probed and the backbone: teacher, copied or distilled student (r, run)."""
+    c, p = self.config, self.config.probe
+    if p.student_run:
+      backbone = "distilled"
+    else:
+      backbone = "teacher" if p.reduction == 1 else "copied"
+    out = {"task": c.data.task, "backbone": backbone, "reduction": p.reduction,
+           "student_run": p.student_run, "teacher": c.models.teacher.checkpoint}
+    if p.student_run and p.student_step is not None:
+      out["student_step"] = p.student_step
+    if self.train_examples is not None:
+      out["train_images"] = int(self.train_examples)
+    return out
 
   def features(self, params: Mapping[str, Params], images: jax.Array) -> jax.Array:
     """The class token after the final norm (MAE's ``global_pool=False`` probe feature)."""
