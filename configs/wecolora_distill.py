@@ -45,6 +45,7 @@ def get_config(arg=None):
   c.optim.update(dict(name="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
                       lr=distill_lr(1e-3, 128, 8), accum_steps=8, schedule="half_cycle_cosine",
                       epochs=10, warmup_epochs=2, cooldown_epochs=0, min_lr=0.0))
+  c.optim.decay_mask = "mae"        # timm 0.3.2 add_weight_decay: WeCo+KD decays cls/pos_embed
   c.eval_every_epochs = 0           # unsupervised: nothing to evaluate during distillation
   c.log_every_steps = 8
   return c

@@ -142,6 +142,17 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_lr=1e-7,
       min_lr=1e-8,
       accum_steps=1,
+      # AdamW's no-decay rule (training/optim.weight_decay_mask): torch = timm's
+      # param_groups_weight_decay with the model's skip list (iDAT: no decay for ndim <= 1,
+      # biases, cls, pos_embedding) | mae = timm 0.3.2 add_weight_decay without a skip list
+      # (WeCoLoRA: cls and pos_embedding decay) | all | none | a regex of decayed names.
+      # LARS always uses MoCo-v3's rule (ndim > 1 decays).
+      decay_mask="torch",
+      # Where lr / weight_decay (and drop-path) come from, logged at the start of a run
+      # (idat_jax.data.vtab.describe_recipe): 'idat_vtab:<task>' (a registered VTAB-1K
+      # recipe), 'idat_vtab:custom' (the documented default for a user's task),
+      # 'idat_vtab:explicit' (lr and wd given as arguments), '' (the config file's values).
+      recipe="",
   ))
 
   c.eval_every_epochs = 1        # the reference evaluates the student on test every epoch

@@ -127,10 +127,22 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
   return params, masks, counts, extras
 
 
-def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int,
-                  total_epochs: int) -> Callable[[Any], Any]:
-  """The learning rate as a function of the optimizer step."""
-  opt_steps_per_epoch = steps_per_epoch // ocfg.accum_steps
+def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int, total_epochs: int,
+                  micro_batches_per_epoch: int | None = None) -> Callable[[Any], Any]:
+  """The learning rate as a function of the optimizer step (the count of applied updates).
+
+  ``steps_per_epoch`` counts the micro-batches the trainer runs per epoch (a multiple of
+  ``accum_steps``); ``micro_batches_per_epoch`` is the loader's full length before the
+  leftover micro-batches are dropped (default: ``steps_per_epoch``). With accumulation the
+  WeCoLoRA/MAE reference sets the LR at the first micro-batch of each window, at
+  ``epoch + it / len(loader)`` (methods.md B.7); ``half_cycle_cosine`` maps optimizer step
+  ``k`` of an epoch to ``it = k * accum_steps`` over that full length.
+  """
+  accum = ocfg.accum_steps
+  if accum < 1:
+    raise ValueError(f"optim.accum_steps must be >= 1, got {accum}")
+  opt_steps_per_epoch = steps_per_epoch // accum
+  micro = steps_per_epoch if micro_batches_per_epoch is None else micro_batches_per_epoch
   if ocfg.schedule in ("timm_cosine_epoch", "timm_cosine_step"):
     return schedules.timm_cosine_schedule(
         ocfg.lr, steps_per_epoch=opt_steps_per_epoch, num_epochs=total_epochs,
@@ -139,7 +151,8 @@ def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int,
   if ocfg.schedule == "half_cycle_cosine":
     return schedules.half_cycle_cosine(
         ocfg.lr, epochs=ocfg.epochs, warmup_epochs=ocfg.warmup_epochs,
-        steps_per_epoch=opt_steps_per_epoch, min_lr=ocfg.min_lr)
+        steps_per_epoch=opt_steps_per_epoch, min_lr=ocfg.min_lr, accum_steps=accum,
+        micro_batches_per_epoch=micro)
   if ocfg.schedule == "constant":
     return optax.constant_schedule(ocfg.lr)
   raise ValueError(f"unknown optim.schedule {ocfg.schedule!r}; expected timm_cosine_epoch, "
@@ -147,10 +160,16 @@ def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int,
 
 
 def make_optimizer(ocfg: ml_collections.ConfigDict, schedule, trainable_params):
+  """AdamW (no-decay rule ``optim.decay_mask``) or LARS, with gradient accumulation.
+
+  The decay mask is computed on the trainable tree (``{model: params}``), so a trainable
+  class token or position embedding decays under ``mae`` (WeCo+KD) and not under ``torch``.
+  """
   if ocfg.name == "adamw":
     tx = optim.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
                      weight_decay=ocfg.weight_decay,
-                     decay_mask=optim.weight_decay_mask(trainable_params))
+                     decay_mask=optim.weight_decay_mask(
+                         trainable_params, ocfg.get("decay_mask", "torch")))
   elif ocfg.name == "lars":
     tx = optim.lars(schedule, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay,
                     trust_coefficient=ocfg.trust_coefficient)
