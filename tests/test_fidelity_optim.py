@@ -75,10 +75,10 @@ def _trainable(config):
 
 
 def _timm(torch_mod, depth):
-  from idat_jax.reference import torch_baseline as tb
+  import torch_reference
   torch_mod.manual_seed(0)
-  return tb.timm_vit(ARCH["width"], depth, ARCH["num_heads"], ARCH["mlp_dim"],
-                     ARCH["patch_size"], IMAGE, 0)
+  return torch_reference.timm_vit(depth=depth, image_size=IMAGE, num_classes=0,
+                                  **{k: v for k, v in ARCH.items() if k != "depth"})
 
 
 def _to_ours(state):
