@@ -124,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
       reduction=2,               # the probed backbone keeps teacher blocks 0, r, ... (1: teacher)
       student_run="",            # a wecolora work dir whose student weights are merged in
       student_step=FieldRef(None, field_type=int),  # its checkpoint step (None: latest)
+      transform="direct",        # the data set's probe preprocessing (data/probe_transforms.py):
+                                 # resize_crop | cxr | resisc45 | direct
+      train_augment=True,        # random train transform (cxr, resisc45): stream images and run
+                                 # the backbone per step; False: cache eval-transform features
   ))
 
   c.batch_size = 64              # global, drop-last

@@ -328,28 +328,64 @@ def make_train_step(s: Setup) -> Callable:
 
 
 def make_eval_step(s: Setup) -> Callable:
+  """The jitted eval step on one padded batch (``mask`` marks real examples).
+
+  Top-1 methods get (correct, count) sums; others (``eval_metric`` 'mean_auroc') get the
+  batch's float32 logits, labels and mask, replicated, for :func:`evaluate` to rank on the host.
+  """
   normalize = inputs.normalizer(s.config.data.normalization)
+  per_example = s.method.eval_metric != "top1"
 
   def eval_fn(trainable, frozen, extra, batch):
     x = normalize(batch["image"]) if "image" in batch else batch["feature"]
     logits = s.method.predict(tr.combine(trainable, frozen), x, extra)
+    if per_example:
+      return logits.astype(jnp.float32), batch["label"], batch["mask"]
     correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return jnp.sum(correct.astype(jnp.int32)), jnp.sum(batch["mask"].astype(jnp.int32))
 
   return jax.jit(eval_fn, out_shardings=shd.replicated(s.mesh))
 
 
-def evaluate(s: Setup, eval_step, state, eval_data: inputs.EvalData) -> dict[str, float]:
-  """Top-1 (%) of the evaluated model over the whole eval split, each example once."""
-  correct = jnp.zeros((), jnp.int32)
-  seen = jnp.zeros((), jnp.int32)
+def evaluate(s: Setup, eval_step, state, eval_data: inputs.EvalData) -> dict[str, Any]:
+  """The evaluated model's metric over the whole eval split, each example once.
+
+  Returns ``{s.method.eval_metric: value, 'eval_examples': n, ...}``: top-1 (%), or for a
+  multi-label probe the mean AUROC (%) over labels plus each label's (``auroc/<name>``),
+  computed exactly over all examples (``training/auroc.py``).
+  """
+  metric = s.method.eval_metric
+  if metric == "top1":
+    correct = jnp.zeros((), jnp.int32)
+    seen = jnp.zeros((), jnp.int32)
+    for batch in eval_data:
+      c, n = eval_step(state["trainable"], s.frozen, state["extra"], batch)
+      correct, seen = correct + c, seen + n
+    correct, seen = int(correct), int(seen)
+    if seen != eval_data.num_examples:
+      raise RuntimeError(f"evaluation counted {seen} examples, expected {eval_data.num_examples}")
+    return {"top1": 100.0 * correct / max(seen, 1), "eval_examples": seen}
+  if metric != "mean_auroc":
+    raise ValueError(f"method {s.method.name!r} reports eval_metric {metric!r}; the trainer "
+                     "evaluates 'top1' or 'mean_auroc'")
+  from idat_jax.data.multilabel_csv import unpack_labels
+  from idat_jax.training.auroc import multilabel_auroc
+  scores, packed = [], []
   for batch in eval_data:
-    c, n = eval_step(state["trainable"], s.frozen, state["extra"], batch)
-    correct, seen = correct + c, seen + n
-  correct, seen = int(correct), int(seen)
+    logits, labels, mask = jax.device_get(
+        eval_step(state["trainable"], s.frozen, state["extra"], batch))
+    mask = np.asarray(mask, bool)
+    scores.append(np.asarray(logits)[mask])
+    packed.append(np.asarray(labels)[mask])
+  scores, packed = np.concatenate(scores), np.concatenate(packed)
+  seen = scores.shape[0]
   if seen != eval_data.num_examples:
     raise RuntimeError(f"evaluation counted {seen} examples, expected {eval_data.num_examples}")
-  return {"top1": 100.0 * correct / max(seen, 1), "eval_examples": seen}
+  num_labels = scores.shape[1]
+  names = getattr(s.method, "label_names", None) or [str(j) for j in range(num_labels)]
+  result = multilabel_auroc(unpack_labels(packed, num_labels), scores, names)
+  result["eval_examples"] = seen
+  return result
 
 
 def _restore_or_init(s: Setup, ckpt: Checkpointer, step: int | None = None):

@@ -15,7 +15,10 @@ from idat_jax.data.image_folder import DEFAULT_FEW_SHOT_SEED, ImageFolderSource
 from idat_jax.data.synthetic import SyntheticTaskSource
 from idat_jax.data.tfds_backend import TfdsImageSource, TfdsTaskSource
 
-BACKENDS = ("tfds", "folder", "image_folder", "tfds_images", "synthetic")
+BACKENDS = ("tfds", "folder", "image_folder", "tfds_images", "synthetic", "chestxray",
+            "multilabel_csv")
+# Backends whose labels are packed multi-hot masks (idat_jax.data.multilabel_csv).
+MULTILABEL_BACKENDS = ("chestxray", "multilabel_csv")
 STRATIFIED_SIDES = ("train", "test")
 
 
@@ -52,6 +55,9 @@ def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend
     the same few-shot rule.
   * ``synthetic``: random ``image_size`` images with the registered task's split size and
     class count (speed measurements without the data; see ``data/synthetic.py``).
+  * ``chestxray``: NIH ChestX-ray14 under ``data_dir`` (official layout; splits ``train`` and
+    ``test``); ``multilabel_csv``: ``<data_dir>/<split>.csv`` of image path + 0/1 labels. Both
+    give packed multi-hot labels (``data/multilabel_csv.py``).
   """
   if backend == "tfds":
     return TfdsTaskSource(task, split, data_dir)
@@ -70,6 +76,18 @@ def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend
     return TfdsImageSource(task, split, data_dir, fraction=few_shot, seed=few_shot_seed)
   if backend == "synthetic":
     return SyntheticTaskSource(task, split, image_size)
+  if backend in MULTILABEL_BACKENDS:
+    if not data_dir:
+      raise DataError(f"the {backend} backend needs data_dir (config.data.root): the data set's "
+                      "root directory")
+    if few_shot != 1.0:
+      raise DataError(f"few-shot subsets are defined per class; the multi-label {backend} "
+                      f"backend has none (got fraction {few_shot})")
+    if backend == "chestxray":
+      from idat_jax.data.chestxray import ChestXray14Source
+      return ChestXray14Source(data_dir, split)
+    from idat_jax.data.multilabel_csv import MultiLabelCsvSource
+    return MultiLabelCsvSource(data_dir, split)
   raise DataError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 

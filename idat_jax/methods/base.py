@@ -84,6 +84,20 @@ class Method:
     spec = self._specs()[self.eval_model]
     return spec.module.apply({"params": params[self.eval_model]}, images, train=False)
 
+  # -- data: the trainer builds every input through these (methods may override them) ------
+
+  def source(self, split: str):
+    """The example source of one split (``idat_jax.data.base.Source``) as this method reads
+    it; the linear probe wraps it with its data set's preprocessing."""
+    from idat_jax.training import inputs
+    return inputs.build_source(self.config, split)
+
+  def build_train(self, mesh, workdir: str):
+    """The training input (``training.inputs.TrainData``) of methods without cached features
+    (the probe streams its augmented images here)."""
+    from idat_jax.training import inputs
+    return inputs.build_train(self.config, mesh, workdir)
+
   def checkpoint_meta(self) -> dict[str, Any]:
     """Facts saved with every checkpoint that readers of the run must check (JSON)."""
     return {}

@@ -13,6 +13,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       logits.astype(jnp.float32), labels))
 
 
+def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over batch and labels of the per-label sigmoid BCE (torch ``BCEWithLogitsLoss()``),
+  the multi-label probe's loss (ChestX-ray14, RSNA)."""
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
+                                                     targets.astype(jnp.float32)))
+
+
 def logit_mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
   """iDAT's ``mse`` distillation: mean over batch and classes of (z_s - z_t)^2."""
   return jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)))

@@ -23,10 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from idat_jax import checkpoints as ckpt_io
+from idat_jax.data import multilabel_csv, pipeline, preprocess, probe_transforms
+from idat_jax.data.base import Source
+from idat_jax.data.loader import MULTILABEL_BACKENDS
 from idat_jax.methods import losses
 from idat_jax.methods.base import Method, ModelSpec, Params, build_model, register
 from idat_jax.models import PEFT_PATTERN, merge_lora, variant_kwargs
-from idat_jax.training import trainable as tr
+from idat_jax.training import inputs, trainable as tr
 
 STUDENTS = ("lora", "weco_kd", "no_copy")
 DISTILL_LOSSES = ("last", "segments")
@@ -286,12 +289,49 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
   return merge_lora(tr.unflatten(base), scale=lora_scale)
 
 
+class ProbeTrainStream(pipeline.StreamingTrainIterator):
+  """Streamed probe training images under a data set's random train transform (e.g. CXR's
+  flip + ColorJitter), drawn from (seed, epoch, example index) like the distillation's crops."""
+
+  def __init__(self, source, image_size: int, global_batch: int, mesh, *, seed: int,
+               transform: Callable[[Any, int, Any], Any]):
+    super().__init__(source, image_size, global_batch, mesh, seed=seed, augment=True)
+    self.random_transform = transform
+
+  def _transform(self, epoch: int):
+    def fn(image, index: int):
+      rng = preprocess.augment_rng(self.seed, epoch, index)
+      return self.random_transform(image, self.image_size, rng)
+    return fn
+
+
 @register
 class LinearProbe(Method):
+  """MAE/WeCoLoRA linear probe of a frozen backbone (B.9), single- or multi-label.
+
+  ``probe.transform`` names the data set's preprocessing (``data/probe_transforms.py``). When
+  its train transform is deterministic (resize + centre crop), every example goes through the
+  backbone once and the head trains on cached features, as the reference does for ImageNet
+  and iNaturalist. When it is random (ChestX-ray14's flip + ColorJitter, RESISC45's random
+  crops) the reference runs the backbone on freshly augmented images at every step, so the
+  images are streamed and the frozen backbone runs inside the train step (unless
+  ``probe.train_augment=False``, which caches features of the eval transform instead).
+  Multi-label backends (ChestX-ray14, CSV) train with BCE-with-logits and report mean AUROC.
+  """
   name = "linear_probe"
   eval_model = "probe"
-  # The trainer caches this model's features of every example once (see ``features``).
-  features_from = "backbone"
+
+  def __init__(self, config):
+    super().__init__(config)
+    p = config.probe
+    self.transform = probe_transforms.get(p.transform)
+    self.multilabel = config.data.backend in MULTILABEL_BACKENDS
+    self.eval_metric = "mean_auroc" if self.multilabel else "top1"
+    self.streams = self.transform.train_random is not None and bool(p.train_augment)
+    # The trainer caches this model's features of every example once (see ``features``);
+    # None: it streams images and the loss runs the backbone.
+    self.features_from = None if self.streams else "backbone"
+    self.label_names: list[str] | None = None
 
   def models(self) -> dict[str, ModelSpec]:
     c, p = self.config, self.config.probe
@@ -320,12 +360,40 @@ class LinearProbe(Method):
     else:
       backbone = "teacher" if p.reduction == 1 else "copied"
     out = {"task": c.data.task, "backbone": backbone, "reduction": p.reduction,
-           "student_run": p.student_run, "teacher": c.models.teacher.checkpoint}
+           "student_run": p.student_run, "teacher": c.models.teacher.checkpoint,
+           "probe_transform": p.transform, "train_features": "streamed" if self.streams
+           else "cached"}
+    if c.data.backend in ("image_folder", "chestxray", "multilabel_csv", "folder"):
+      out["data"] = c.data.root
+    if c.data.few_shot_ratio != 1.0:
+      out["few_shot_ratio"] = c.data.few_shot_ratio
     if p.student_run and p.student_step is not None:
       out["student_step"] = p.student_step
     if self.train_examples is not None:
       out["train_images"] = int(self.train_examples)
     return out
+
+  # -- data --------------------------------------------------------------------------------
+
+  def source(self, split: str) -> Source:
+    """A split under the probe transform's deterministic part (decoded once, cached)."""
+    source = inputs.build_source(self.config, split)
+    self.label_names = getattr(source, "label_names", None)
+    return probe_transforms.TransformedSource(source, self.transform.eval,
+                                              self.config.data.image_size, self.transform.name)
+
+  def build_train(self, mesh, workdir: str) -> inputs.TrainData:
+    """Streamed training images under the random train transform (``self.streams``)."""
+    c = self.config
+    if not self.streams:
+      raise ValueError("build_train is for streamed probes; this probe caches its features")
+    source = inputs.build_source(c, c.data.train_split)
+    self.label_names = getattr(source, "label_names", None)
+    stream = ProbeTrainStream(source, c.data.image_size, c.batch_size, mesh, seed=c.seed,
+                              transform=self.transform.train_random)
+    return inputs.TrainData(len(source), source.num_classes, stream=stream)
+
+  # -- model -------------------------------------------------------------------------------
 
   def features(self, params: Mapping[str, Params], images: jax.Array) -> jax.Array:
     """The class token after the final norm (MAE's ``global_pool=False`` probe feature)."""
@@ -333,16 +401,29 @@ class LinearProbe(Method):
     return spec.module.apply({"params": params["backbone"]}, images, train=False,
                              features=True)["pooled"].astype(jnp.float32)
 
+  def _head_input(self, params, batch) -> jax.Array:
+    if "feature" in batch:
+      return batch["feature"]
+    return jax.lax.stop_gradient(self.features(params, batch["image"]))
+
   def loss(self, params, batch, rng, extra):
     probe = self._specs()["probe"].module
     logits, updated = probe.apply({"params": params["probe"], **extra["probe"]},
-                                  batch["feature"], train=True, mutable=["batch_stats"])
+                                  self._head_input(params, batch), train=True,
+                                  mutable=["batch_stats"])
+    if self.multilabel:
+      targets = multilabel_csv.unpack_labels(batch["label"], logits.shape[-1])
+      loss = losses.binary_cross_entropy_with_logits(logits, targets)
+      return loss, {"loss": loss}, dict(extra, probe=dict(updated))
     ce = losses.cross_entropy(logits, batch["label"])
     acc = losses.top1_correct(logits, batch["label"]).mean()
     return ce, {"loss": ce, "train_top1": acc}, dict(extra, probe=dict(updated))
 
   def predict(self, params, inputs, extra):
+    """Logits from cached features ([N, D]) or from normalised images ([N, H, W, 3])."""
     probe = self._specs()["probe"].module
+    if inputs.ndim == 4:
+      inputs = self.features(params, inputs)
     return probe.apply({"params": params["probe"], **extra["probe"]}, inputs, train=False)
 
 
