@@ -11,7 +11,16 @@ decay on kernels only, student evaluated on the test split every epoch.
       --config.models.teacher.checkpoint=/ckpt/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz
 
 Arguments (``:key=value,...``):
-  task      one of the 19 VTAB-1K folder names (aliases cifar100, flowers102, pets accepted)
+  task      one of the 19 VTAB-1K folder names (aliases cifar100, flowers102, pets accepted),
+            or any folder task under data.root (``<root>/<task>/{train800val200,test}.txt``;
+            the class count is read from the data: ``task.json``, else the largest label + 1)
+  lr, wd, drop_path
+            override the task's recipe. A task without a registered recipe needs lr and wd
+            (drop_path defaults to 0), or recipe=custom
+  recipe    whose per-task (lr, wd, drop-path) to use: '' (the task's own), a VTAB-1K task
+            name, or 'custom' = lr 5e-3, wd 5e-5, drop-path 0 (the released script's most
+            common setting). The recipe in force and its origin are logged at the start of
+            every run (idat_jax.data.vtab.describe_recipe)
   method    idat (default) or a baseline: adapter (gist_seq adapter-tuning alone, no teacher),
             linear_probe, full, lora, ssf, bitfit
   backend   folder (NOAH/SSF layout under data.root), tfds (prepared TFDS dir) or synthetic
@@ -29,45 +38,54 @@ Arguments (``:key=value,...``):
 """
 
 from idat_jax import config_lib
+from idat_jax.data import vtab
 
 STUDENT_NPZ = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
 TEACHER_NPZ = "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz"
 
 # Per-task (lr, weight decay, drop-path) of the released script (identical to SSF's).
-TASK_HPARAMS = {
-    "caltech101": (1e-3, 5e-2, 0.1),
-    "cifar": (5e-3, 5e-5, 0.0),
-    "clevr_count": (2e-3, 5e-2, 0.1),
-    "clevr_dist": (5e-2, 5e-2, 0.1),
-    "diabetic_retinopathy": (5e-3, 5e-5, 0.2),
-    "dmlab": (5e-3, 5e-5, 0.1),
-    "dsprites_loc": (1e-2, 5e-5, 0.0),
-    "dsprites_ori": (5e-3, 5e-5, 0.2),
-    "dtd": (5e-3, 5e-5, 0.0),
-    "eurosat": (3e-3, 5e-2, 0.2),
-    "oxford_flowers102": (5e-3, 5e-5, 0.0),
-    "kitti": (1e-2, 5e-5, 0.0),
-    "patch_camelyon": (5e-3, 5e-5, 0.0),
-    "oxford_iiit_pet": (5e-3, 5e-5, 0.0),
-    "resisc45": (2e-3, 5e-5, 0.1),
-    "smallnorb_azi": (2e-2, 5e-5, 0.1),
-    "smallnorb_ele": (5e-3, 5e-2, 0.2),
-    "sun397": (5e-3, 5e-5, 0.0),
-    "svhn": (1e-2, 5e-5, 0.0),
-}
+TASK_HPARAMS = {name: (r.lr, r.weight_decay, r.drop_path)
+                for name, r in vtab.IDAT_RECIPES.items()}
 ALIASES = {"cifar100": "cifar", "flowers102": "oxford_flowers102", "pets": "oxford_iiit_pet"}
 BASELINES = ("adapter", "linear_probe", "full", "lora", "ssf", "bitfit")
+
+
+def _recipe(a) -> tuple[float, float, float, str]:
+  """(lr, wd, drop-path, recipe label) of the arguments; see the module docstring."""
+  task = vtab.canonical_name(a.task) if vtab.idat_recipe(a.task) is not None else a.task
+  explicit = {k: float(v) for k, v in (("lr", a.lr), ("wd", a.wd), ("drop_path", a.drop_path))
+              if v is not None}
+  if a.recipe:
+    recipe = vtab.idat_recipe(a.recipe)
+    if recipe is None:
+      raise ValueError(f"configs/idat_vtab.py: unknown recipe {a.recipe!r}; expected "
+                       f"'{vtab.CUSTOM}' or one of {sorted(vtab.IDAT_RECIPES)}")
+    name = vtab.CUSTOM if a.recipe == vtab.CUSTOM else vtab.canonical_name(a.recipe)
+  elif vtab.idat_recipe(task) is not None:
+    recipe, name = vtab.idat_recipe(task), task
+  elif "lr" in explicit and "wd" in explicit:
+    recipe, name = vtab.Recipe(explicit["lr"], explicit["wd"], 0.0), vtab.EXPLICIT
+  else:
+    raise ValueError(
+        f"configs/idat_vtab.py: task {a.task!r} has no registered recipe (the 19 VTAB-1K tasks "
+        f"have one): give its learning rate and weight decay, e.g. "
+        f"--config configs/idat_vtab.py:task={a.task},lr=5e-3,wd=5e-5 (drop_path=0.1 "
+        f"optional), or use the documented default with :task={a.task},recipe=custom")
+  return (explicit.get("lr", recipe.lr), explicit.get("wd", recipe.weight_decay),
+          explicit.get("drop_path", recipe.drop_path), f"idat_vtab:{name}")
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, task="dtd", method="idat", backend="folder", loss="mse",
                            adapter="gist_seq_adapter", seed=42, ckpt_dir="pretrained",
-                           eval_every=1, dtype="bfloat16")
-  task = ALIASES.get(a.task, a.task)
-  if task not in TASK_HPARAMS:
-    raise ValueError(f"unknown VTAB-1K task {a.task!r}; expected one of {sorted(TASK_HPARAMS)} "
-                     f"or an alias {sorted(ALIASES)}")
-  lr, wd, drop_path = TASK_HPARAMS[task]
+                           eval_every=1, dtype="bfloat16", lr=None, wd=None, drop_path=None,
+                           recipe="")
+  # Registered tasks by their folder name; a user's folder task exactly as given.
+  task = vtab.canonical_name(a.task) if vtab.idat_recipe(a.task) is not None else a.task
+  if not task or "/" in task:
+    raise ValueError(f"configs/idat_vtab.py: task {a.task!r} must be a folder name under "
+                     "data.root (no '/')")
+  lr, wd, drop_path, recipe = _recipe(a)
 
   c = config_lib.base_config()
   c.seed = a.seed
@@ -98,7 +116,8 @@ def get_config(arg=None):
   c.eval_batch_size = 256
   c.optim.update(dict(name="adamw", lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=1e-8,
                       schedule="timm_cosine_epoch", epochs=100, cooldown_epochs=10,
-                      warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8))
+                      warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8, decay_mask="torch",
+                      recipe=recipe))
   c.eval_every_epochs = a.eval_every   # the last epoch is always evaluated
   c.log_every_steps = 15
   return c
