@@ -78,7 +78,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = "train"               # train | eval
   c.method = "supervised"
   c.seed = 42
-  c.distributed = False          # call jax.distributed.initialize() (multi-host TPU / GPU)
+  # Multi-process runs (TPU VM slices, multi-node GPU, scripts/launch_local.sh on CPU): see
+  # README "Multi-host" and idat_jax.sharding.initialize_distributed. Unset values come from
+  # $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID, else JAX's cluster
+  # auto-detection (on a TPU VM: enabled=True alone is the zero-argument call).
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False,             # True: jax.distributed.initialize (also on when num_processes > 1)
+      coordinator_address="",    # host:port of process 0
+      num_processes=0,           # 0: from the environment / auto-detection
+      process_id=-1,             # -1: from the environment / auto-detection
+      initialization_timeout_s=300,  # how long to wait for every process to join
+      heartbeat_timeout_s=60,    # a silent peer for this long ends every process with an error
+      shutdown_timeout_s=60,     # the exit barrier's wait for the other processes
+      cpu_collectives="gloo",    # cross-process collectives of the CPU backend ('none': off)
+  ))
   c.num_devices = FieldRef(None, field_type=int)  # use only the first N devices (tests)
 
   c.data = ml_collections.ConfigDict(dict(
