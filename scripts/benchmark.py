@@ -191,12 +191,14 @@ def peak_memory_gb():
 def torch_runners(p) -> dict:
   """PyTorch steps keyed like ours: ``{key: (runner, batch)}`` plus ``meta``; a runner does one
   synchronised step and returns its seconds."""
-  shim = os.path.join(REPO, "tests", "torchvision_shim")
+  tests = os.path.join(REPO, "tests")
+  shim = os.path.join(tests, "torchvision_shim")
   if importlib.util.find_spec("torchvision") is None and os.path.isdir(shim):
     sys.path.insert(0, shim)  # timm imports a few torchvision modules (see the shim's README)
+  sys.path.insert(0, tests)  # the PyTorch re-expression of the reference steps
   try:
     import torch
-    from idat_jax.reference import torch_baseline as tb
+    import torch_reference as tb
   except ImportError as e:
     return {"meta": {"skipped": f"torch/timm not importable: {e}"}}
   from idat_jax.models import variant_kwargs
@@ -208,8 +210,9 @@ def torch_runners(p) -> dict:
   def vit(which, classes):
     variant, arch = p["variants"][which], (p["student"], p["teacher"])[which]
     a = dict(variant_kwargs(variant) if variant != "custom" else {}, **arch)
-    return tb.timm_vit(a["width"], a["depth"], a["num_heads"], a["mlp_dim"], a["patch_size"],
-                       p["image_size"], classes).to(device)
+    return tb.timm_vit(width=a["width"], depth=a["depth"], num_heads=a["num_heads"],
+                       mlp_dim=a["mlp_dim"], patch_size=a["patch_size"],
+                       image_size=p["image_size"], num_classes=classes).to(device)
 
   def runner(step, x, y):
     tb.time_steps(step, x, y, warmup=p["warmup"], steps=0, device=device)

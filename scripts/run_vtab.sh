@@ -12,10 +12,9 @@ ROOT="${1:?usage: run_vtab.sh OUT_DIR METHOD SEEDS [extra flags]}"
 METHOD="${2:-idat}"
 SEEDS="${3:-42}"
 shift 3 || true
-TASKS="cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397 patch_camelyon \
-eurosat resisc45 diabetic_retinopathy clevr_count clevr_dist dmlab kitti dsprites_loc \
-dsprites_ori smallnorb_azi smallnorb_ele"
 PYTHON="${PYTHON:-python3}"
+# The 19 task folder names, from the registry (idat_jax.data.vtab).
+TASKS="$("$PYTHON" -c 'from idat_jax.data import vtab; print(" ".join(vtab.VTAB_TASKS))')"
 for seed in $SEEDS; do
   for task in $TASKS; do
     workdir="$ROOT/$task/seed$seed"

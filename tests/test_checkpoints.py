@@ -12,7 +12,8 @@ import pytest
 import scipy.ndimage
 
 from idat_jax import checkpoints as ck
-from idat_jax.models import build_vit
+from idat_jax import tree_util
+from idat_jax.models import AdapterConfig, LoraConfig, PeftConfig, build_vit
 from vit_testing import random_params
 
 TINY = dict(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8, image_size=32)
@@ -49,7 +50,7 @@ def test_param_counts_match_official(variant, expected):
   model = build_vit(variant, num_classes=1000)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
   assert count(shapes) == expected
-  flat = ck.flatten(shapes)
+  flat = tree_util.flatten(shapes)
   d = {"B/16": 768, "S/16": 384}[variant]
   h = d // 64
   assert flat["embedding/kernel"].shape == (16, 16, 3, d)
@@ -125,7 +126,7 @@ def test_merge_resizes_posemb_for_new_resolution(tiny_setup, tmp_path):
 def test_in21k_file_with_pre_logits_and_opt_target_prefix(tmp_path):
   model = tiny(num_classes=21843, representation_size=64)
   params = random_params(model)
-  flat = {f"opt/target/{k}": np.asarray(v) for k, v in ck.flatten(params).items()}
+  flat = {f"opt/target/{k}": np.asarray(v) for k, v in tree_util.flatten(params).items()}
   flat["opt/state/step"] = np.array(1000)
   path = tmp_path / "ViT-Ti_in21k.npz"
   np.savez(path, **flat)
@@ -156,7 +157,7 @@ def test_in21k_file_with_pre_logits_and_opt_target_prefix(tmp_path):
 
 def test_linen_and_big_vision_layouts(tiny_setup, tmp_path):
   model, params, images, logits = tiny_setup
-  flat = ck.flatten(params)
+  flat = tree_util.flatten(params)
   rename = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
             "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
 
@@ -200,19 +201,18 @@ def test_save_npz_roundtrip_and_dtypes(tmp_path):
     assert f["a/kernel"].dtype == np.float32 and f["b"].dtype == np.float16
   back = ck.load_params(tmp_path / "t.npz")
   np.testing.assert_array_equal(back["a"]["kernel"], np.arange(6.0).reshape(2, 3))
-  assert not list(tmp_path.glob(".tmp-*"))
+  assert sorted(os.listdir(tmp_path)) == ["t.npz"]  # the temporary file was renamed
 
 
 def test_export_npz_keeps_unmergeable_peft_and_merges_lora(tmp_path):
-  from idat_jax.models import AdapterConfig, LoraConfig
-  model = tiny(adapter=AdapterConfig(), lora=LoraConfig(rank=2, targets=("q",)))
+  model = tiny(peft=PeftConfig(adapter=AdapterConfig(), lora=LoraConfig(rank=2, targets=("q",))))
   params = random_params(model, seed=5)
   remaining = ck.export_npz(params, tmp_path / "e.npz")
   assert remaining and all("/adapter/" in k for k in remaining)
-  back = ck.flatten(ck.load_params(tmp_path / "e.npz"))
+  back = tree_util.flatten(ck.load_params(tmp_path / "e.npz"))
   assert not any("/lora/" in k for k in back) and set(remaining) <= set(back)
   q = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query"
-  flat = ck.flatten(params)
+  flat = tree_util.flatten(params)
   expected = flat[f"{q}/kernel"] + np.einsum("dr,rhk->dhk", flat[f"{q}/lora/a"],
                                              flat[f"{q}/lora/b"])
   np.testing.assert_allclose(back[f"{q}/kernel"], expected, atol=1e-6)
@@ -225,7 +225,7 @@ def test_merge_casts_to_init_dtype(tiny_setup):
   merged, report = ck.merge_pretrained(params, half)
   assert merged["cls"].dtype == np.float32
   assert report.cast["cls"] == ("float16", "float32")
-  assert len(report.loaded) == len(ck.flatten(params)) and not report.kept_from_init
+  assert len(report.loaded) == len(tree_util.flatten(params)) and not report.kept_from_init
 
 
 def test_safetensors_reader_bfloat16(tmp_path):
@@ -249,12 +249,12 @@ def test_safetensors_reader_bfloat16(tmp_path):
 
 def test_merge_report_names_every_problem(tiny_setup):
   _, params, _, _ = tiny_setup
-  flat = dict(ck.flatten(params))
+  flat = dict(tree_util.flatten(params))
   del flat["Transformer/encoderblock_1/LayerNorm_2/scale"]
   flat["Transformer/encoderblock_0/extra_thing"] = np.zeros(3)
   flat["Transformer/encoder_norm/bias"] = np.zeros(65)
   with pytest.raises(ValueError) as err:
-    ck.merge_pretrained(params, ck.unflatten(flat))
+    ck.merge_pretrained(params, tree_util.unflatten(flat))
   msg = str(err.value)
   assert "1 missing" in msg and "Transformer/encoderblock_1/LayerNorm_2/scale (64,)" in msg
   assert "1 unexpected" in msg and "Transformer/encoderblock_0/extra_thing (3,)" in msg
@@ -262,7 +262,7 @@ def test_merge_report_names_every_problem(tiny_setup):
   assert "Transformer/encoder_norm/bias: checkpoint (65,) vs model (64,)" in msg
   # Named expectations make the same merge pass.
   merged, report = ck.merge_pretrained(
-      params, ck.unflatten(flat),
+      params, tree_util.unflatten(flat),
       init_only=[r".*/LayerNorm_2/scale", r"Transformer/encoder_norm/.*"],
       ignore_unexpected=[r".*/extra_thing"])
   assert "Transformer/encoderblock_0/extra_thing" in report.ignored
@@ -281,8 +281,8 @@ def test_head_mismatch_needs_init_only(tiny_setup):
 
 def test_fresh_peft_weights_from_init(tiny_setup):
   _, params, _, _ = tiny_setup
-  from idat_jax.models import PEFT_PATTERN, AdapterConfig, LoraConfig
-  model = tiny(lora=LoraConfig(rank=2), adapter=AdapterConfig(), ssf=True)
+  from idat_jax.models import PEFT_PATTERN
+  model = tiny(peft=PeftConfig(lora=LoraConfig(rank=2), adapter=AdapterConfig(), ssf=True))
   fresh = init(model)
   with pytest.raises(ck.CheckpointError, match="missing from the checkpoint") as err:
     ck.merge_pretrained(fresh, params)
@@ -293,10 +293,10 @@ def test_fresh_peft_weights_from_init(tiny_setup):
   kinds = {k.split("/")[-2] for k in report.kept_from_init}
   assert {"lora", "ssf", "down", "up"} <= kinds
   assert all(re.fullmatch(PEFT_PATTERN, k) for k in report.kept_from_init)
-  flat, fresh_flat = ck.flatten(merged), ck.flatten(fresh)
+  flat, fresh_flat = tree_util.flatten(merged), tree_util.flatten(fresh)
   for k in report.kept_from_init:
     assert flat[k] is fresh_flat[k]
-  assert ck.tree_equal(ck.unflatten({k: v for k, v in flat.items()
+  assert ck.tree_equal(tree_util.unflatten({k: v for k, v in flat.items()
                                     if k not in report.kept_from_init}), params)
 
 
@@ -412,7 +412,7 @@ def test_copy_blocks_student_runs(tiny_setup):
   student = ck.copy_blocks(teacher, 3)
   shallow = tiny(depth=2)
   merged, report = ck.merge_pretrained(init(shallow), student)
-  assert len(report.loaded) == len(ck.flatten(init(shallow)))
+  assert len(report.loaded) == len(tree_util.flatten(init(shallow)))
   feats = shallow.apply({"params": merged}, images, features=True)
   assert len(feats["blocks"]) == 2 and np.isfinite(np.asarray(feats["logits"])).all()
 
@@ -462,7 +462,7 @@ def test_load_models_inits_only_what_the_checkpoint_lacks(tmp_path, mode, head_c
   reference, report = ck.merge_pretrained(
       jax.device_get(full), ck.load_params(path, num_heads=spec.num_heads),
       init_only=spec.init_only, ignore_unexpected=spec.ignore_unexpected)
-  got, want = ck.flatten(jax.device_get(params["student"])), ck.flatten(reference)
+  got, want = tree_util.flatten(jax.device_get(params["student"])), tree_util.flatten(reference)
   assert sorted(got) == sorted(want)
   fresh = set(report.kept_from_init)
   assert any(n.startswith("head/") for n in fresh)  # the recipes always train a fresh head

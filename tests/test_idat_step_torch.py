@@ -1,15 +1,16 @@
 """One and two iDAT steps against an independent PyTorch re-expression of the reference step.
 
-The reference (methods.md A.2-A.5): two timm ViTs with a ``gist_seq`` adapter after every
-block (``x = x + fc2(GELU(fc1(x)))``) and a fresh linear head each; loss
+The reference (docs/methods.md, sections 1-4): two timm ViTs with a ``gist_seq`` adapter after
+every block (``x = x + fc2(GELU(fc1(x)))``) and a fresh linear head each; loss
 ``CE(z_s) + CE(z_t) + D(z_s, z_t)`` with ``D`` the logit MSE or ``KL(p_t || p_s)`` at T=5
 (``batchmean``, no T^2); gradients into both models (no stop-gradient); one ``torch.optim.AdamW``
 per model over the adapters and the head only, weight decay on 2-D weights only.
 
 Our side is the real trainer path: ``build_method`` -> the tree of ``spec.module.init`` -> trainable
-``partition`` -> ``make_optimizer`` -> ``make_update`` (jit). The torch backbones are filled from
-our ``save_npz`` file by timm's own ``_load_weights``; adapters and heads are copied by hand
-(Linear weights are our kernels transposed), so both name mappings are exercised.
+``partition`` -> ``make_optimizer`` -> ``make_update`` (jit). The torch side is
+``tests/torch_reference.py``; its backbones are filled from our ``save_npz`` file by timm's own
+``_load_weights``; adapters and heads are copied by hand (Linear weights are our kernels
+transposed), so both name mappings are exercised.
 
 Comparison criteria (float32 on both sides):
 
@@ -42,16 +43,19 @@ import numpy as np
 import optax
 import pytest
 # A missing torch or timm must fail this file (collection error), not skip it.
-import timm.models.vision_transformer as timm_vit
 import torch
 import torch.nn.functional as F
-from torch import nn
+import torch_reference as tref
 
 from idat_jax import checkpoints as ckpt_io
+from idat_jax import tree_util
 from idat_jax.config_lib import base_config, model_config
 from idat_jax.methods import build_method
 from idat_jax.train import make_optimizer, make_update
 from idat_jax.training import trainable as tr
+
+# Compares the trainer against PyTorch: the slow tier.
+pytestmark = pytest.mark.slow
 
 NUM_CLASSES = 5
 IMAGE_SIZE = 32
@@ -96,7 +100,7 @@ def _config(distill_loss):
 
 
 def _flat_np(tree):
-  return {k: np.array(v) for k, v in tr.flatten(jax.device_get(tree)).items()}
+  return {k: np.array(v) for k, v in tree_util.flatten(jax.device_get(tree)).items()}
 
 
 def _batches():
@@ -132,8 +136,8 @@ def _init_params(method):
     shapes = jax.eval_shape(spec.module.init, jax.random.key(0), dummy)["params"]
     rng = np.random.default_rng(100 + i)
     flat = {k: _random_leaf(k, v.shape, rng).astype(np.float32)
-            for k, v in sorted(tr.flatten(shapes).items())}
-    params[name] = tr.unflatten(flat)
+            for k, v in sorted(tree_util.flatten(shapes).items())}
+    params[name] = tree_util.unflatten(flat)
   return params
 
 
@@ -168,51 +172,17 @@ def _run_jax(distill_loss, batches):
 # ---------------------------------------------------------------------------------------------
 # The PyTorch side: timm ViTs + gist adapters + heads, the reference loss and two AdamWs.
 
-class GistSeqAdapter(nn.Module):
-  """The reference's ``gist_seq_Adapter``: ``x + linear2(GELU(linear1(x)))``."""
-
-  def __init__(self, dim, hidden=4):
-    super().__init__()
-    self.linear1 = nn.Linear(dim, hidden)
-    self.act = nn.GELU()
-    self.linear2 = nn.Linear(hidden, dim)
-
-  def forward(self, x):
-    return x + self.linear2(self.act(self.linear1(x)))
-
-
-class GistSeqBlock(nn.Module):
-  """A timm block followed by the sequential adapter (after the whole block)."""
-
-  def __init__(self, block, dim):
-    super().__init__()
-    self.block = block
-    self.gist_adapter = GistSeqAdapter(dim)
-
-  def forward(self, x):
-    return self.gist_adapter(self.block(x))
-
-
-def _timm_vit(arch):
-  return timm_vit.VisionTransformer(
-      img_size=IMAGE_SIZE, patch_size=arch["patch_size"], in_chans=3, num_classes=NUM_CLASSES,
-      global_pool="token", embed_dim=arch["width"], depth=arch["depth"],
-      num_heads=arch["num_heads"], mlp_ratio=arch["mlp_dim"] / arch["width"], qkv_bias=True,
-      class_token=True, fc_norm=False, drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0,
-      attn_drop_rate=0.0, drop_path_rate=0.0,
-      norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU)
-
-
 def _build_torch_model(name, flat, tmpdir):
   """Backbone from our npz via timm's loader; adapters and head copied by hand."""
   arch = ARCH[name]
-  model = _timm_vit(arch)
+  model = tref.timm_vit(**arch, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
   backbone = {k: v for k, v in flat.items()
               if not (k.startswith("head/") or "/adapter/" in k)}
   path = os.path.join(tmpdir, f"{name}.npz")
-  ckpt_io.save_npz(tr.unflatten(backbone), path)
-  timm_vit._load_weights(model, path)
-  model.blocks = nn.Sequential(*[GistSeqBlock(b, arch["width"]) for b in model.blocks])
+  ckpt_io.save_npz(tree_util.unflatten(backbone), path)
+  tref.load_npz(model, path)
+  # Adapters after every block; trainable: "head." or "gist" in the name (the reference's filter).
+  tref.add_gist_adapters(model, hidden=4)
   with torch.no_grad():
     for i, blk in enumerate(model.blocks):
       p = f"Transformer/encoderblock_{i}/adapter/"
@@ -222,9 +192,6 @@ def _build_torch_model(name, flat, tmpdir):
       blk.gist_adapter.linear2.bias.copy_(torch.from_numpy(flat[p + "up/bias"]))
     model.head.weight.copy_(torch.from_numpy(flat["head/kernel"].T.copy()))
     model.head.bias.copy_(torch.from_numpy(flat["head/bias"]))
-  # The reference's trainable filter (optim_factory): "head." or "gist" in the name.
-  for pname, prm in model.named_parameters():
-    prm.requires_grad_(pname.startswith("head.") or "gist" in pname)
   return model
 
 
@@ -243,7 +210,7 @@ def _trainable_to_ours(sd, depth):
 def _torch_to_ours(model, arch):
   """Every torch parameter in our naming and layout (the inverse of the two loaders)."""
   d, h = arch["width"], arch["num_heads"]
-  sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  sd = tref.state_numpy(model)
   out = {
       "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
       "embedding/bias": sd["patch_embed.proj.bias"],
@@ -274,18 +241,6 @@ def _torch_to_ours(model, arch):
   return out
 
 
-def _adamw(model):
-  """timm ``param_groups_weight_decay``: no decay for ndim <= 1 or names ending in ``.bias``."""
-  decay, no_decay = [], []
-  for pname, prm in model.named_parameters():
-    if not prm.requires_grad:
-      continue
-    (no_decay if prm.ndim <= 1 or pname.endswith(".bias") else decay).append(prm)
-  return torch.optim.AdamW([dict(params=decay, weight_decay=WEIGHT_DECAY),
-                            dict(params=no_decay, weight_decay=0.0)],
-                           lr=LR, betas=(0.9, 0.999), eps=1e-8, amsgrad=False)
-
-
 def _distill_torch(distill_loss, z_s, z_t):
   if distill_loss == "mse":
     return F.mse_loss(z_s, z_t)
@@ -295,7 +250,7 @@ def _distill_torch(distill_loss, z_s, z_t):
 
 def _run_torch(distill_loss, params, batches, tmpdir, teacher_grad_scale=1.0):
   models = {name: _build_torch_model(name, _flat_np(params[name]), tmpdir) for name in MODELS}
-  opts = {name: _adamw(m) for name, m in models.items()}
+  opts = {name: tref.adamw(m, lr=LR, weight_decay=WEIGHT_DECAY) for name, m in models.items()}
   out = dict(loaded={n: _torch_to_ours(m, ARCH[n]) for n, m in models.items()},
              losses=[], params=[], grads=[], grad_norm=[])
   for batch in batches:
@@ -428,7 +383,7 @@ def test_frozen_params_untouched(distill_loss, tmpdir_str):
 def test_optimizer_state_holds_only_trainable_leaves(distill_loss, tmpdir_str):
   ours, _, _ = _results(distill_loss, tmpdir_str)
   trainable = set(ours["trainable"][0])
-  frozen = {f"{n}/{k}" for n in MODELS for k, m in tr.flatten(ours["masks"][n]).items()
+  frozen = {f"{n}/{k}" for n in MODELS for k, m in tree_util.flatten(ours["masks"][n]).items()
             if not m}
   assert frozen and trainable and not (frozen & trainable)
   n_trainable = sum(v.size for v in ours["trainable"][0].values())

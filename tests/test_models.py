@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from idat_jax.models import (NAMED, AdapterConfig, LoraConfig, build_vit, dummy_images,
-                             merge_lora, model_overrides, param_shapes, peft_subtree,
+from idat_jax.checkpoints import merge_lora
+from idat_jax.models import (NAMED, NO_PEFT, AdapterConfig, LoraConfig, PeftConfig, build_vit,
+                             dummy_images, model_overrides, param_shapes, peft_subtree,
                              trainable_rules)
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=8, image_size=32)
@@ -60,8 +61,9 @@ FRESH_RANK, FRESH_ADAPTER_DIM = 64, 64
 @functools.lru_cache(maxsize=None)
 def fresh_init():
   """One real init (adapter + LoRA + SSF on the tiny model), shared by the init tests."""
-  model = tiny(adapter=AdapterConfig("gist_seq_adapter", FRESH_ADAPTER_DIM),
-               lora=LoraConfig(FRESH_RANK), ssf=True)
+  model = tiny(peft=PeftConfig(
+      adapter=AdapterConfig(kind="gist_seq_adapter", hidden_dim=FRESH_ADAPTER_DIM),
+      lora=LoraConfig(rank=FRESH_RANK), ssf=True))
   return flat(init(model, 3))
 
 
@@ -101,7 +103,8 @@ def shapes(variant, num_classes, mode=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# NumPy reference (float64), written from the block equations of methods.md A.2-A.3 and B.4.
+# NumPy reference (float64), written from the block equations of docs/methods.md sections 1, 2
+# and 5.
 
 
 def np_params(params):
@@ -234,7 +237,7 @@ def test_forward_matches_numpy_reference(mode, dim, scale, expected_scale):
   model = tiny(**overrides)
   params = random_model_params(model)
   if mode:
-    assert model.adapter.effective_scale == pytest.approx(expected_scale)
+    assert model.peft.adapter.effective_scale == pytest.approx(expected_scale)
     for i in range(TINY["depth"]):
       block = params["Transformer"][f"encoderblock_{i}"]
       # One adapter per block; the shared-parallel form reuses it for both branches.
@@ -467,8 +470,8 @@ def test_lora_config():
   assert LoraConfig.from_alpha(8, 16).scale == 2.0
   assert LoraConfig.from_alpha(4, 4, targets=["q", "v"]) == LoraConfig(4, ("q", "v"), 1.0)
   assert LoraConfig().scale == 1.0
-  assert model_overrides("lora")["lora"].targets == ("q", "k", "v", "out", "fc1", "fc2")
-  assert model_overrides("lora", lora_targets="plain")["lora"].targets == ("q", "v")
+  assert model_overrides("lora")["peft"].lora.targets == ("q", "k", "v", "out", "fc1", "fc2")
+  assert model_overrides("lora", lora_targets="plain")["peft"].lora.targets == ("q", "v")
   with pytest.raises(ValueError, match="rank"):
     LoraConfig(rank=0)
   with pytest.raises(ValueError, match="targets"):
@@ -550,10 +553,10 @@ def test_trainable_rules_per_mode():
           "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/bias"} <= on
   assert "Transformer/posembed_input/pos_embedding" not in on and "cls" not in on
 
-  mask = trainable_mask(base, trainable_rules("linear_probe"))
+  mask = trainable_mask(base, trainable_rules("head_only"))
   assert {k for k, v in mask.items() if v} == {"head/kernel", "head/bias"}
   assert all(trainable_mask(base, trainable_rules("full")).values())
-  mask = trainable_mask(base, trainable_rules("linear_probe", train_head=False))
+  mask = trainable_mask(base, trainable_rules("head_only", train_head=False))
   assert not any(mask.values())
 
   lora = _names(lora_model())
@@ -568,6 +571,32 @@ def test_trainable_rules_per_mode():
     mask = trainable_mask(names, trainable_rules(mode))
     assert {k for k, v in mask.items() if v} == {
         k for k in names if "/adapter/" in k or k.startswith("head/")}
+
+
+def test_linear_probe_tuning_mode_is_a_deprecated_alias_of_head_only(caplog):
+  with caplog.at_level("WARNING"):
+    assert trainable_rules("linear_probe") == trainable_rules("head_only")
+    assert model_overrides("linear_probe") == model_overrides("head_only") == {"peft": NO_PEFT}
+  assert sum("'linear_probe' is deprecated" in r.getMessage() and "'head_only'" in r.getMessage()
+             for r in caplog.records) == 2
+
+
+def test_one_frozen_peft_option_passed_by_keyword():
+  """Every PEFT setting travels as one immutable PeftConfig; modules take keywords only."""
+  peft = model_overrides("lora", lora_rank=3, lora_targets="plain", lora_scale=0.5)["peft"]
+  assert peft == PeftConfig(lora=LoraConfig(rank=3, targets=("q", "v"), scale=0.5))
+  assert (peft.lora_rank("q"), peft.lora_rank("k"), peft.lora_rank(None)) == (3, 0, 0)
+  assert peft.lora_scale == 0.5 and NO_PEFT.lora_scale == 1.0 and NO_PEFT.lora_rank("q") == 0
+  with pytest.raises(AttributeError):
+    peft.ssf = True  # frozen: a model's PEFT options cannot change after it is built
+  model = tiny(peft=peft)
+  names = _names(model)
+  assert sorted(k.split("/")[-3] for k in names if k.endswith("/lora/a")) == \
+      ["query", "query", "value", "value"]
+  # The ViT's encoder fields are keyword-only settings shared with the encoder and blocks, and
+  # num_classes has no positional slot that a reordered field could silently take.
+  with pytest.raises(TypeError):
+    type(model)(5)
 
 
 def test_peft_subtree_round_trip():

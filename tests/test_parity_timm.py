@@ -2,7 +2,8 @@
 
 timm is the independent reference: its own npz loader (``_load_weights``) and its own forward
 pass. torch and timm are required test dependencies; if they cannot be imported these tests
-FAIL (they never skip), so CI cannot pass without the reference.
+FAIL (they never skip), so CI cannot pass without the reference. All of them compare against
+PyTorch, so the module is in the ``slow`` tier (``pytest -m "not slow"`` leaves it out).
 """
 
 import argparse
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 
 from idat_jax import checkpoints as ck
-from idat_jax.models import LoraConfig, build_vit
+from idat_jax import tree_util
+from idat_jax.models import LoraConfig, PeftConfig, build_vit
 from vit_testing import random_params
+
+pytestmark = pytest.mark.slow
 
 TOL = 1e-5
 
@@ -38,7 +42,7 @@ def ref():
     from timm.models.vision_transformer import _load_weights
   except ImportError as e:
     pytest.fail(f"the timm parity tests need torch and timm ({e}); install them with "
-                "`pip install -r requirements-test.txt && pip install --no-deps timm` "
+                "`pip install -e .[test] && pip install --no-deps timm` "
                 "(tests/torchvision_shim stands in for torchvision)", pytrace=False)
   torch.manual_seed(0)
   return torch, timm, _load_weights
@@ -146,7 +150,7 @@ def test_round_trip_timm_to_ours_to_timm(pair, tmp_path):
   tmodel = randomize_torch(torch, pair.timm_model(), seed=2)
   state = {k: v.numpy() for k, v in tmodel.state_dict().items()}
   flat, _, _ = ck.convert_torch_state(state, num_heads=pair.heads)
-  ck.save_npz(ck.unflatten(flat), tmp_path / "rt.npz")
+  ck.save_npz(tree_util.unflatten(flat), tmp_path / "rt.npz")
   fresh = pair.timm_model()
   pair.load_npz(fresh, str(tmp_path / "rt.npz"))
   for k, v in fresh.state_dict().items():
@@ -158,10 +162,10 @@ def test_round_trip_timm_to_ours_to_timm(pair, tmp_path):
 def test_export_merged_lora_read_by_timm(ref, name, tmp_path):
   """A LoRA model (all six projections, B != 0) exported merged equals timm's logits."""
   base = Pair(name, ref)
-  lora_model = build_vit(*base.args, num_classes=NUM_CLASSES, lora=LoraConfig(rank=3),
-                         **base.kw)
+  lora_model = build_vit(*base.args, num_classes=NUM_CLASSES,
+                         peft=PeftConfig(lora=LoraConfig(rank=3)), **base.kw)
   params = random_params(lora_model, seed=3)
-  assert sum("/lora/" in k for k in ck.flatten(params)) == 2 * 6 * 2
+  assert sum("/lora/" in k for k in tree_util.flatten(params)) == 2 * 6 * 2
   unmerged = base.ours(params, apply=jax.jit(lora_model.apply))
   remaining = ck.export_npz(params, tmp_path / "merged.npz", merge_lora=True)
   assert remaining == []

@@ -77,6 +77,7 @@ def test_synthetic_source_rejects_bad_inputs():
 TINY = {"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8}
 
 
+@pytest.mark.slow
 def test_cli_on_synthetic_data_times_epochs_and_fills_the_compilation_cache(tmp_path):
   sweep = tmp_path / "sweep"
   args = ["--config", os.path.join(REPO, "configs", "idat_vtab.py")
@@ -151,14 +152,16 @@ def test_idat_recipe_dtype_and_random_init_arguments():
 # The PyTorch baseline the benchmark times.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", [False, True])
 def test_torch_baseline_idat_step_trains_both_models_only_in_their_adapters_and_heads(amp):
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
-  from idat_jax.reference import torch_baseline as tb
+  import torch_reference as tb
   torch.manual_seed(0)
-  student = tb.add_gist_adapters(tb.timm_vit(32, 2, 2, 64, 8, 16, 5))
-  teacher = tb.add_gist_adapters(tb.timm_vit(16, 2, 2, 32, 8, 16, 5))
+  small = dict(depth=2, num_heads=2, patch_size=8, image_size=16, num_classes=5)
+  student = tb.add_gist_adapters(tb.timm_vit(width=32, mlp_dim=64, **small))
+  teacher = tb.add_gist_adapters(tb.timm_vit(width=16, mlp_dim=32, **small))
   before = {f"{m}.{k}": v.detach().clone() for m, model in (("s", student), ("t", teacher))
             for k, v in model.state_dict().items()}
   # amp=True on CPU runs the reference's order (backward, student step, backward, teacher step)

@@ -14,7 +14,8 @@ from idat_jax.checkpoints.merge import MergeReport, merge_pretrained
 from idat_jax.checkpoints.npz import read_google_npz
 from idat_jax.checkpoints.safetensors_io import read_safetensors
 from idat_jax.checkpoints.torch_state import convert_torch_state, read_torch_file
-from idat_jax.checkpoints.tree import CheckpointError, flatten, unflatten
+from idat_jax.errors import CheckpointError
+from idat_jax.tree_util import flatten, unflatten
 
 log = logging.getLogger(__name__)
 

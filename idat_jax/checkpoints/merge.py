@@ -1,8 +1,10 @@
-"""Merging a loaded checkpoint into a freshly initialised tree, strictly.
+"""Merging trees: a loaded checkpoint into a fresh init (strictly), and LoRA into its kernels.
 
-Strict by default because a silently half-loaded backbone trains fine and just reports worse
-numbers; every difference must be named by the caller (``init_only``, ``ignore_unexpected``)
-or it is an error.
+``merge_pretrained`` is strict by default because a silently half-loaded backbone trains fine
+and just reports worse numbers; every difference must be named by the caller (``init_only``,
+``ignore_unexpected``) or it is an error. ``merge_lora`` folds trained low-rank updates into
+the weights they modify, for export and for probing a distilled student: a NumPy operation on
+the parameter tree, so it lives here with the other tree-to-file operations, below the models.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from idat_jax.checkpoints.tree import CheckpointError, flatten, unflatten
+from idat_jax.errors import CheckpointError
+from idat_jax.tree_util import flatten, unflatten
 
 POSEMB_SUFFIX = "posembed_input/pos_embedding"
 RESIZE_METHODS = ("vit_jax", "timm")
@@ -205,3 +208,31 @@ def merge_pretrained(init_params: Mapping[str, Any], loaded: Mapping[str, Any], 
       parts.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
     raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts))
   return unflatten(merged), report
+
+
+def merge_lora(params: Mapping[str, Any], *, scale: float) -> dict[str, Any]:
+  """Folds every ``lora/{a,b}`` into its sibling kernel and drops the LoRA subtree.
+
+  ``kernel' = kernel + scale * a ⋅ b`` (contracting the rank axis; ``a`` is
+  ``in_shape + (r,)`` and ``b`` is ``(r,) + out_shape``, as ``idat_jax.models`` lays them out),
+  so the merged model computes the same function as the unmerged one, without the extra
+  matmuls. ``scale`` is the model's ``LoraConfig.scale`` (it is not stored in the parameters,
+  so it is required). The sum is formed in float64 and cast back to the kernel's dtype.
+  """
+  def merge(node):
+    if not isinstance(node, Mapping):
+      return node
+    out = {k: merge(v) for k, v in node.items() if k != "lora"}
+    if "lora" in node:
+      if "kernel" not in node:
+        raise CheckpointError("found a 'lora' subtree without a sibling 'kernel'")
+      a = np.asarray(node["lora"]["a"], np.float64)
+      b = np.asarray(node["lora"]["b"], np.float64)
+      kernel = np.asarray(node["kernel"])
+      delta = np.tensordot(a, b, axes=([a.ndim - 1], [0])) * scale
+      if delta.shape != kernel.shape:
+        raise CheckpointError(f"LoRA update shape {delta.shape} does not match kernel "
+                              f"{kernel.shape}")
+      out["kernel"] = (kernel.astype(np.float64) + delta).astype(kernel.dtype)
+    return out
+  return merge(params)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +28,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from idat_jax.checkpoints.tree import CheckpointError, flatten
+from idat_jax.checkpoints.merge import merge_lora as fold_lora
+from idat_jax.errors import CheckpointError
+from idat_jax.fileio import atomic_write
+from idat_jax.tree_util import flatten
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +171,8 @@ def save_npz(params: Mapping[str, Any], path: str | os.PathLike) -> None:
   arrays = {k: _to_numpy(v) for k, v in flatten(params).items()}
   if not arrays:
     raise CheckpointError(f"refusing to write {path}: the parameter tree is empty")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_write(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **arrays)
 
 
 _PEFT = re.compile(r"(.*/)?(adapter|lora|ssf)/.*")
@@ -196,8 +189,7 @@ def export_npz(params: Mapping[str, Any], path: str | os.PathLike, merge_lora: b
   computes the model *without* them — a warning is logged when that happens.
   """
   if merge_lora:
-    from idat_jax.models.peft import merge_lora as fold
-    params = fold(params, scale=lora_scale)
+    params = fold_lora(params, scale=lora_scale)
   remaining = [k for k in flatten(params) if _PEFT.fullmatch(k)]
   if remaining:
     log.warning("export_npz(%s): %d PEFT parameters cannot be merged into a plain ViT and are "

@@ -15,7 +15,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from idat_jax.checkpoints.tree import CheckpointError
+from idat_jax.errors import CheckpointError
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),

@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from idat_jax.checkpoints.npz import POSEMB
-from idat_jax.checkpoints.tree import CheckpointError
+from idat_jax.errors import CheckpointError
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 MAE_EXTRAS = (r"mask_token", r"decoder_.*")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from idat_jax.checkpoints.tree import CheckpointError
+from idat_jax.errors import CheckpointError
 
 _BLOCK = re.compile(r"encoderblock_(\d+)")
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Iterable
 
 import numpy as np
@@ -21,6 +19,7 @@ from PIL import Image
 
 from idat_jax.data.base import DataError
 from idat_jax.data.folder import TASK_METADATA
+from idat_jax.fileio import atomic_write
 
 SOURCE = "sklearn.datasets.load_digits"
 FORMAT_VERSION = 1
@@ -127,9 +126,10 @@ def write_digits_task(root: str, name: str = "digits", classes: Iterable[int] = 
     if not is_digits:
       raise DataError(f"{task_dir} exists and is not a digits task written by "
                       "write_digits_task; choose another root or name")
-  os.makedirs(root, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)
-  try:
+  # Written under a temporary name and renamed, so a crash never leaves a half-written task;
+  # if a concurrent writer finishes first, its (identical) task is kept.
+  with atomic_write(task_dir, directory=True,
+                    accept_existing=lambda path: _is_complete(path, meta)) as tmp:
     lines = {}
     for split, indices in splits.items():
       os.makedirs(os.path.join(tmp, "images", split))
@@ -144,15 +144,4 @@ def write_digits_task(root: str, name: str = "digits", classes: Iterable[int] = 
         f.write("\n".join(split_lines) + "\n")
     with open(os.path.join(tmp, TASK_METADATA), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=1)
-    if os.path.exists(task_dir):
-      shutil.rmtree(task_dir)
-    try:
-      os.rename(tmp, task_dir)
-    except OSError:  # a concurrent writer finished first
-      if not _is_complete(task_dir, meta):
-        raise
-      shutil.rmtree(tmp, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return result

@@ -1,4 +1,4 @@
-"""ViT models with the official checkpoint naming and PEFT hooks."""
+"""ViT models with the official checkpoint naming and PEFT hooks (one ``PeftConfig``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from idat_jax.models.peft import (ADAPTER_KINDS, LORA_PRESETS, LORA_TARGETS, PEFT_PATTERN,
-                                  TUNING_MODES, AdapterConfig, LoraConfig, merge_lora,
-                                  model_overrides, peft_subtree, trainable_rules)
+# Deprecated location, kept until methods/wecolora.py imports it from idat_jax.checkpoints.
+from idat_jax.checkpoints.merge import merge_lora
+from idat_jax.models.peft import (ADAPTER_KINDS, DEPRECATED_MODES, LORA_PRESETS, LORA_TARGETS,
+                                  NO_PEFT, PEFT_PATTERN, TUNING_MODES, AdapterConfig, LoraConfig,
+                                  PeftConfig, canonical_mode, model_overrides, peft_subtree,
+                                  trainable_rules)
 from idat_jax.models.vit import VisionTransformer
 
 # Width, depth, heads, MLP size of the standard variants (ViT and AugReg papers).
@@ -37,7 +40,10 @@ def variant_kwargs(variant: str | None) -> dict[str, int]:
 
 
 def build_vit(variant: str | None, num_classes: int, **overrides: Any) -> VisionTransformer:
-  """The linen ViT for a named variant, with any field overridden (depth=2 for tests, ...)."""
+  """The linen ViT for a named variant, with any field overridden (depth=2 for tests, ...).
+
+  PEFT goes in as one ``peft=PeftConfig(...)`` (``model_overrides(mode, ...)`` builds it).
+  """
   fields = set(VisionTransformer.__dataclass_fields__) - {"parent", "name"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
@@ -65,8 +71,8 @@ def param_shapes(model: VisionTransformer) -> dict[str, Any]:
 
 
 __all__ = [
-    "ADAPTER_KINDS", "LORA_PRESETS", "LORA_TARGETS", "NAMED", "PEFT_PATTERN", "TUNING_MODES",
-    "VARIANTS", "AdapterConfig", "LoraConfig", "VisionTransformer", "build_vit", "dummy_images",
-    "init_params", "merge_lora", "model_overrides", "param_shapes", "peft_subtree",
-    "trainable_rules", "variant_kwargs",
+    "ADAPTER_KINDS", "DEPRECATED_MODES", "LORA_PRESETS", "LORA_TARGETS", "NAMED", "NO_PEFT",
+    "PEFT_PATTERN", "TUNING_MODES", "VARIANTS", "AdapterConfig", "LoraConfig", "PeftConfig",
+    "VisionTransformer", "build_vit", "canonical_mode", "dummy_images", "init_params",
+    "model_overrides", "param_shapes", "peft_subtree", "trainable_rules", "variant_kwargs",
 ]

@@ -4,7 +4,8 @@ Every projection is a :class:`Projection` (kernel ``in_shape + out_shape``, like
 ``DenseGeneral``), so query/key/value keep the checkpoint's ``(D, heads, head_dim)`` kernels
 and loading a ``.npz`` is a plain tree lookup. PEFT weights are extra sub-scopes of the
 module they modify (``lora/{a,b}``, ``ssf/{scale,shift}``) and never collide with
-checkpoint keys.
+checkpoint keys. Modules that can carry them take the model's one ``peft`` option
+(:class:`~idat_jax.models.peft.PeftConfig`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import functools
 import math
 from typing import Any, Callable
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from idat_jax.models.peft import NO_PEFT, PeftConfig
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -101,14 +103,17 @@ class Ssf(nn.Module):
 
 
 class Projection(nn.Module):
-  """Affine map over the trailing ``in_dims`` axes, with optional LoRA and SSF."""
+  """Affine map over the trailing ``in_dims`` axes, with optional LoRA and SSF.
+
+  ``lora_target`` names the projection for ``peft.lora.targets`` (q, k, v, out, fc1, fc2);
+  ``None`` (adapters, heads) never gets LoRA. SSF follows ``peft.ssf``.
+  """
   features: tuple[int, ...]
   in_dims: int = 1
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.zeros
-  lora_rank: int = 0
-  lora_scale: float = 1.0
-  ssf: bool = False
+  lora_target: str | None = None
+  peft: PeftConfig = NO_PEFT
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -126,18 +131,19 @@ class Projection(nn.Module):
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
     y = y + bias.astype(self.dtype)
-    if self.lora_rank:
-      y = y + LoraBranch(in_shape, self.features, self.lora_rank, self.lora_scale,
-                         dtype=self.dtype, name="lora")(x)
-    if self.ssf:
-      y = Ssf(self.features, dtype=self.dtype, name="ssf")(y)
+    rank = self.peft.lora_rank(self.lora_target)
+    if rank:
+      y = y + LoraBranch(in_shape=in_shape, out_shape=self.features, rank=rank,
+                         scale=self.peft.lora_scale, dtype=self.dtype, name="lora")(x)
+    if self.peft.ssf:
+      y = Ssf(features=self.features, dtype=self.dtype, name="ssf")(y)
     return y
 
 
 class Norm(nn.Module):
   """LayerNorm (eps 1e-6, statistics in float32) with params ``scale``/``bias`` and optional SSF."""
   epsilon: float = 1e-6
-  ssf: bool = False
+  peft: PeftConfig = NO_PEFT
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -150,8 +156,8 @@ class Norm(nn.Module):
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
     y = y.astype(self.dtype)
-    if self.ssf:
-      y = Ssf((d,), dtype=self.dtype, name="ssf")(y)
+    if self.peft.ssf:
+      y = Ssf(features=(d,), dtype=self.dtype, name="ssf")(y)
     return y
 
 
@@ -159,7 +165,7 @@ class PatchEmbedding(nn.Module):
   """Non-overlapping patch projection with the official conv kernel layout (p, p, C, D)."""
   patch_size: int
   width: int
-  ssf: bool = False
+  peft: PeftConfig = NO_PEFT
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -171,12 +177,15 @@ class PatchEmbedding(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
                         (p, p, c, self.width))
     bias = self.param("bias", nn.initializers.zeros, (self.width,))
-    patches = einops.rearrange(images.astype(self.dtype),
-                               "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
+    # (b, h, w, c) -> (b, patches, p * p * c) in row-major patch order, each patch flattened
+    # as (row, column, channel) to match the (p, p, C, D) conv kernel.
+    b = images.shape[0]
+    patches = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
     y = patches @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
     y = y + bias.astype(self.dtype)
-    if self.ssf:
-      y = Ssf((self.width,), dtype=self.dtype, name="ssf")(y)
+    if self.peft.ssf:
+      y = Ssf(features=(self.width,), dtype=self.dtype, name="ssf")(y)
     return y
 
 

@@ -1,9 +1,12 @@
-"""Parameter-efficient tuning: configs, tuning modes, trainable rules and LoRA merging.
+"""Parameter-efficient tuning: configs, tuning modes and trainable rules.
 
 Adapters live at ``Transformer/encoderblock_{i}/adapter/{down,up}``, LoRA at
 ``.../<projection>/lora/{a,b}`` and SSF at ``.../<module>/ssf/{scale,shift}``: new keys inside
 the scope they modify, so ``pretrained tree + fresh PEFT init`` is a plain merge and the PEFT
-subtree can be saved on its own.
+subtree can be saved on its own. All three are carried by one frozen :class:`PeftConfig`, the
+ViT's ``peft`` field, which every module that can hold PEFT weights receives. Folding LoRA
+into the kernels is a tree operation of the checkpoint layer (``idat_jax.checkpoints.merge_lora``).
+The equations are in docs/methods.md (sections 2 and 5).
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import numpy as np
+from absl import logging
 
 from idat_jax import tree_util
 
 ADAPTER_KINDS = ("gist_seq_adapter", "gist_shared_par_adapter", "adaptformer")
 LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")
 LORA_PRESETS = {"enhanced": LORA_TARGETS, "plain": ("q", "v")}
-TUNING_MODES = ADAPTER_KINDS + ("lora", "ssf", "bitfit", "linear_probe", "full")
+# ``head_only``: only the classifier head trains (iDAT's ``linear_probe`` tuning mode, renamed so
+# it cannot be confused with the ``linear_probe`` *method*: BatchNorm + LARS on cached features).
+TUNING_MODES = ADAPTER_KINDS + ("lora", "ssf", "bitfit", "head_only", "full")
+DEPRECATED_MODES = {"linear_probe": "head_only"}
 
 # Matches every PEFT parameter (used to take them from the fresh init when loading).
 PEFT_PATTERN = r".*/(adapter|lora|ssf)/.*"
@@ -68,30 +74,67 @@ class LoraConfig:
     return cls(rank=rank, targets=tuple(targets), scale=alpha / rank)
 
 
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Every parameter-efficient option of a ViT, as one immutable value.
+
+  It is passed unchanged from the ViT down to each projection and norm, so adding an option
+  touches this class and the module that uses it, not every constructor in between.
+  """
+  adapter: AdapterConfig | None = None
+  lora: LoraConfig | None = None
+  ssf: bool = False
+
+  def lora_rank(self, target: str | None) -> int:
+    """LoRA rank of the projection named ``target`` (q, k, v, out, fc1, fc2); 0 = no LoRA."""
+    if self.lora is None or target is None or target not in self.lora.targets:
+      return 0
+    return self.lora.rank
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora.scale if self.lora is not None else 1.0
+
+
+NO_PEFT = PeftConfig()
+
+
+def canonical_mode(mode: str) -> str:
+  """The tuning mode under its current name; a deprecated name is accepted with a warning."""
+  if mode in DEPRECATED_MODES:
+    new = DEPRECATED_MODES[mode]
+    logging.warning("tuning mode %r is deprecated (it collides with the linear_probe method); "
+                    "use %r", mode, new)
+    return new
+  if mode not in TUNING_MODES:
+    raise ValueError(f"unknown tuning mode {mode!r}; expected one of {TUNING_MODES}")
+  return mode
+
+
 def model_overrides(mode: str, *, adapter_dim: int = 4, adapter_scale: float | None = None,
                     adapter_init_std: float = 0.02, lora_rank: int = 4,
                     lora_targets: tuple[str, ...] | str = "enhanced",
                     lora_scale: float = 1.0) -> dict[str, Any]:
-  """The ViT keyword arguments that a tuning mode needs (adapters, LoRA or SSF)."""
-  if mode not in TUNING_MODES:
-    raise ValueError(f"unknown tuning mode {mode!r}; expected one of {TUNING_MODES}")
+  """The ViT keyword arguments that a tuning mode needs: ``{'peft': PeftConfig(...)}``."""
+  mode = canonical_mode(mode)
   if mode in ADAPTER_KINDS:
-    return dict(adapter=AdapterConfig(mode, adapter_dim, adapter_scale, adapter_init_std))
+    return dict(peft=PeftConfig(adapter=AdapterConfig(
+        kind=mode, hidden_dim=adapter_dim, scale=adapter_scale, init_std=adapter_init_std)))
   if mode == "lora":
     if isinstance(lora_targets, str):
       if lora_targets not in LORA_PRESETS:
         raise ValueError(f"unknown LoRA preset {lora_targets!r}; expected {sorted(LORA_PRESETS)}")
       lora_targets = LORA_PRESETS[lora_targets]
-    return dict(lora=LoraConfig(lora_rank, tuple(lora_targets), lora_scale))
+    return dict(peft=PeftConfig(lora=LoraConfig(
+        rank=lora_rank, targets=tuple(lora_targets), scale=lora_scale)))
   if mode == "ssf":
-    return dict(ssf=True)
-  return {}
+    return dict(peft=PeftConfig(ssf=True))
+  return dict(peft=NO_PEFT)
 
 
 def trainable_rules(mode: str, *, train_head: bool = True) -> list[tuple[str, bool]]:
   """Ordered (regex, trainable) rules for a tuning mode (first match wins)."""
-  if mode not in TUNING_MODES:
-    raise ValueError(f"unknown tuning mode {mode!r}; expected one of {TUNING_MODES}")
+  mode = canonical_mode(mode)
   if mode == "full":
     return [(".*", True)]
   head = [("head/.*", True)] if train_head else []
@@ -99,7 +142,7 @@ def trainable_rules(mode: str, *, train_head: bool = True) -> list[tuple[str, bo
       "lora": [(".*/lora/.*", True)],
       "ssf": [(".*/ssf/.*", True)],
       "bitfit": [(".*/bias", True)],
-      "linear_probe": [],
+      "head_only": [],
   }.get(mode, [(".*/adapter/.*", True)])
   return head + peft + [(".*", False)]
 
@@ -108,27 +151,3 @@ def peft_subtree(params: Mapping[str, Any]) -> dict[str, Any]:
   """Only the adapter / LoRA / SSF parameters: small enough to save and share alone."""
   return tree_util.select(params, PEFT_PATTERN)
 
-
-def merge_lora(params: Mapping[str, Any], *, scale: float) -> dict[str, Any]:
-  """Folds every ``lora/{a,b}`` into its sibling kernel and drops the LoRA subtree.
-
-  ``kernel' = kernel + scale * a ⋅ b`` (contracting the rank axis), so the merged model
-  computes the same function as the unmerged one, without the extra matmuls. ``scale`` is
-  the model's ``LoraConfig.scale`` (it is not stored in the parameters, so it is required).
-  """
-  def merge(node):
-    if not isinstance(node, Mapping):
-      return node
-    out = {k: merge(v) for k, v in node.items() if k != "lora"}
-    if "lora" in node:
-      if "kernel" not in node:
-        raise ValueError("found a 'lora' subtree without a sibling 'kernel'")
-      a = np.asarray(node["lora"]["a"], np.float64)
-      b = np.asarray(node["lora"]["b"], np.float64)
-      kernel = np.asarray(node["kernel"])
-      delta = np.tensordot(a, b, axes=([a.ndim - 1], [0])) * scale
-      if delta.shape != kernel.shape:
-        raise ValueError(f"LoRA update shape {delta.shape} does not match kernel {kernel.shape}")
-      out["kernel"] = (kernel.astype(np.float64) + delta).astype(kernel.dtype)
-    return out
-  return merge(params)

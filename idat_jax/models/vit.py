@@ -7,6 +7,7 @@ official file loads by tree lookup and our trees export back to files timm reads
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -15,46 +16,58 @@ import jax.numpy as jnp
 import numpy as np
 
 from idat_jax.models.layers import DropPath, Norm, PatchEmbedding, Projection, attention
-from idat_jax.models.peft import AdapterConfig, LoraConfig
+from idat_jax.models.peft import NO_PEFT, PeftConfig
 
 Dtype = Any
 
 
-def _lora_rank(lora: LoraConfig | None, target: str) -> int:
-  return lora.rank if lora is not None and target in lora.targets else 0
+def _settings(cls: type[nn.Module], module: nn.Module) -> dict[str, Any]:
+  """``module``'s values of the fields declared by ``cls`` (one of its bases), as keywords."""
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
+          if f.name not in ("parent", "name")}
 
 
-def _lora_scale(lora: LoraConfig | None) -> float:
-  return lora.scale if lora is not None else 1.0
+class BlockSettings(nn.Module):
+  """Hyper-parameters every encoder block shares, declared once for block, encoder and ViT."""
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  peft: PeftConfig = NO_PEFT
+  attention_impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+
+class EncoderSettings(BlockSettings):
+  """The encoder's own hyper-parameters on top of the blocks' (drop_path is the last block's)."""
+  depth: int = 12
+  drop_path: float = 0.0
+  remat: bool = False
 
 
 class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
-  lora: LoraConfig | None = None
-  ssf: bool = False
+  peft: PeftConfig = NO_PEFT
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     d = x.shape[-1]
     bias_init = nn.initializers.normal(stddev=1e-6)
-    x = Projection((self.mlp_dim,), bias_init=bias_init, lora_rank=_lora_rank(self.lora, "fc1"),
-                   lora_scale=_lora_scale(self.lora), ssf=self.ssf, dtype=self.dtype,
-                   name="Dense_0")(x)
+    x = Projection(features=(self.mlp_dim,), bias_init=bias_init, lora_target="fc1",
+                   peft=self.peft, dtype=self.dtype, name="Dense_0")(x)
     x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    x = Projection((d,), bias_init=bias_init, lora_rank=_lora_rank(self.lora, "fc2"),
-                   lora_scale=_lora_scale(self.lora), ssf=self.ssf, dtype=self.dtype,
-                   name="Dense_1")(x)
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic=deterministic)
+    x = Projection(features=(d,), bias_init=bias_init, lora_target="fc2", peft=self.peft,
+                   dtype=self.dtype, name="Dense_1")(x)
+    return nn.Dropout(rate=self.dropout)(x, deterministic=deterministic)
 
 
 class SelfAttention(nn.Module):
   num_heads: int
   attention_dropout: float = 0.0
-  lora: LoraConfig | None = None
-  ssf: bool = False
+  peft: PeftConfig = NO_PEFT
   attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
@@ -66,9 +79,8 @@ class SelfAttention(nn.Module):
     heads = (self.num_heads, d // self.num_heads)
 
     def proj(target, name, features, in_dims=1):
-      return Projection(features, in_dims=in_dims, lora_rank=_lora_rank(self.lora, target),
-                        lora_scale=_lora_scale(self.lora), ssf=self.ssf, dtype=self.dtype,
-                        name=name)
+      return Projection(features=features, in_dims=in_dims, lora_target=target, peft=self.peft,
+                        dtype=self.dtype, name=name)
 
     q = proj("q", "query", heads)(x)
     k = proj("k", "key", heads)(x)
@@ -92,47 +104,40 @@ class Adapter(nn.Module):
     # timm's trunc_normal_(std) cuts at +-2 in absolute value: effectively untruncated.
     init = nn.initializers.truncated_normal(self.init_std, lower=-2.0 / self.init_std,
                                             upper=2.0 / self.init_std)
-    h = Projection((self.hidden_dim,), kernel_init=init, dtype=self.dtype, name="down")(x)
+    h = Projection(features=(self.hidden_dim,), kernel_init=init, dtype=self.dtype,
+                   name="down")(x)
     h = nn.gelu(h, approximate=False)
-    return Projection((x.shape[-1],), kernel_init=init, dtype=self.dtype, name="up")(h)
+    return Projection(features=(x.shape[-1],), kernel_init=init, dtype=self.dtype, name="up")(h)
 
 
-class EncoderBlock(nn.Module):
-  """Pre-LN block with iDAT's three adapter placements (methods.md A.3)."""
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  attention_dropout: float = 0.0
+class EncoderBlock(BlockSettings):
+  """Pre-LN block with iDAT's three adapter placements (docs/methods.md, section 2)."""
   drop_path: float = 0.0
-  adapter: AdapterConfig | None = None
-  lora: LoraConfig | None = None
-  ssf: bool = False
-  attention_impl: str = "auto"
   deterministic: bool = True
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     det = self.deterministic
+    cfg = self.peft.adapter
     adapter = None
-    if self.adapter is not None:
-      adapter = Adapter(self.adapter.hidden_dim, self.adapter.init_std, dtype=self.dtype,
+    if cfg is not None:
+      adapter = Adapter(hidden_dim=cfg.hidden_dim, init_std=cfg.init_std, dtype=self.dtype,
                         name="adapter")
-      scale = jnp.asarray(self.adapter.effective_scale, self.dtype)
-    kind = self.adapter.kind if self.adapter is not None else None
-    drop_path = DropPath(self.drop_path)
+      scale = jnp.asarray(cfg.effective_scale, self.dtype)
+    kind = cfg.kind if cfg is not None else None
+    drop_path = DropPath(rate=self.drop_path)
 
-    y = Norm(ssf=self.ssf, dtype=self.dtype, name="LayerNorm_0")(x)
-    y = SelfAttention(self.num_heads, self.attention_dropout, self.lora, self.ssf,
-                      self.attention_impl, dtype=self.dtype,
+    y = Norm(peft=self.peft, dtype=self.dtype, name="LayerNorm_0")(x)
+    y = SelfAttention(num_heads=self.num_heads, attention_dropout=self.attention_dropout,
+                      peft=self.peft, attention_impl=self.attention_impl, dtype=self.dtype,
                       name="MultiHeadDotProductAttention_1")(y, det)
-    y = nn.Dropout(self.dropout)(y, deterministic=det)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic=det)
     x1 = x + drop_path(y, det)
     if kind == "gist_shared_par_adapter":
       x1 = x1 + scale * adapter(x)
 
-    y = Norm(ssf=self.ssf, dtype=self.dtype, name="LayerNorm_2")(x1)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.lora, self.ssf, dtype=self.dtype,
+    y = Norm(peft=self.peft, dtype=self.dtype, name="LayerNorm_2")(x1)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, peft=self.peft, dtype=self.dtype,
                  name="MlpBlock_3")(y, det)
     x2 = x1 + drop_path(y, det)
     if kind in ("gist_shared_par_adapter", "adaptformer"):
@@ -149,63 +154,40 @@ class AddPositionEmbedding(nn.Module):
     return x + pos.astype(x.dtype)
 
 
-class Encoder(nn.Module):
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  attention_dropout: float = 0.0
-  drop_path: float = 0.0
-  adapter: AdapterConfig | None = None
-  lora: LoraConfig | None = None
-  ssf: bool = False
-  remat: bool = False
-  attention_impl: str = "auto"
-  dtype: Dtype = jnp.float32
+class Encoder(EncoderSettings):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, list[jax.Array]]:
     x = AddPositionEmbedding(name="posembed_input")(x)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic=deterministic)
     block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     # Stochastic depth rises linearly with depth: block i drops with rate drop_path * i/(L-1).
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
     blocks = []
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                    float(rates[i]), self.adapter, self.lora, self.ssf, self.attention_impl,
-                    deterministic, dtype=self.dtype, name=f"encoderblock_{i}")(x)
+      x = block_cls(**_settings(BlockSettings, self), drop_path=float(rates[i]),
+                    deterministic=deterministic, name=f"encoderblock_{i}")(x)
       blocks.append(x)
-    return Norm(ssf=self.ssf, dtype=self.dtype, name="encoder_norm")(x), blocks
+    return Norm(peft=self.peft, dtype=self.dtype, name="encoder_norm")(x), blocks
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(EncoderSettings):
   """ViT classifier (``num_classes=0``: a feature extractor with no head).
 
   ``__call__(images, train=False)`` returns float32 logits (the pooled features when
   ``num_classes=0``); with ``features=True`` it returns
   a dict with ``blocks`` (each block's output, before the final norm), ``tokens`` (after the
   final norm), ``pooled`` (the pre-logits feature) and ``logits`` (absent without a head).
+  ``peft`` (one :class:`PeftConfig`) adds adapters, LoRA or SSF; the encoder fields are
+  declared in :class:`EncoderSettings`. Build it with keywords (``idat_jax.models.build_vit``).
   """
-  num_classes: int
+  num_classes: int = dataclasses.field(kw_only=True)
   patch_size: int = 16
   width: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_dim: int = 3072
   image_size: int = 224
   pool: str = "token"
   representation_size: int | None = None
-  dropout: float = 0.0
-  attention_dropout: float = 0.0
-  drop_path: float = 0.0
   head_init_std: float = 0.0
-  adapter: AdapterConfig | None = None
-  lora: LoraConfig | None = None
-  ssf: bool = False
-  remat: bool = False
-  attention_impl: str = "auto"
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, features: bool = False):
@@ -216,26 +198,24 @@ class VisionTransformer(nn.Module):
                        "rebuild it with image_size=... (checkpoints resize position embeddings)")
     if self.pool not in ("token", "gap"):
       raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
-    x = PatchEmbedding(self.patch_size, self.width, self.ssf, dtype=self.dtype,
-                       name="embedding")(images)
+    x = PatchEmbedding(patch_size=self.patch_size, width=self.width, peft=self.peft,
+                       dtype=self.dtype, name="embedding")(images)
     if self.pool == "token":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width)), x],
                           axis=1)
-    tokens, blocks = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
-                             self.attention_dropout, self.drop_path, self.adapter, self.lora,
-                             self.ssf, self.remat, self.attention_impl, dtype=self.dtype,
-                             name="Transformer")(x, deterministic=not train)
+    tokens, blocks = Encoder(**_settings(EncoderSettings, self), name="Transformer")(
+        x, deterministic=not train)
     pooled = tokens[:, 0] if self.pool == "token" else jnp.mean(tokens, axis=1)
     if self.representation_size:
-      pooled = jnp.tanh(Projection((self.representation_size,), dtype=self.dtype,
+      pooled = jnp.tanh(Projection(features=(self.representation_size,), dtype=self.dtype,
                                    name="pre_logits")(pooled))
     out = dict(blocks=blocks, tokens=tokens, pooled=pooled)
     if self.num_classes:
       head_init = (nn.initializers.normal(self.head_init_std) if self.head_init_std
                    else nn.initializers.zeros)
-      logits = Projection((self.num_classes,), kernel_init=head_init, dtype=self.dtype,
-                          name="head")(pooled)
+      logits = Projection(features=(self.num_classes,), kernel_init=head_init,
+                          dtype=self.dtype, name="head")(pooled)
       out["logits"] = logits.astype(jnp.float32)
     if features:
       return out
