@@ -7,9 +7,10 @@ Each named transform is a pair (train, eval) on PIL images, giving uint8 ``size 
   ``size``). ImageNet mean/std.
 * ``cxr`` (ChestX-ray14): eval Resize(224) (bilinear, shorter side); train adds a random
   horizontal flip and ColorJitter(brightness=0.2, contrast=0.2). Mean 0.5057, std 0.2507.
-* ``resisc45`` (NWPU-RESISC45, ``create_NWPU_RESISC``): eval Resize((224, 224)) bilinear;
-  train Resize((224, 224)) + RandomResizedCrop(224, scale 0.2-1, bicubic) + flip. Its own
-  mean/std.
+* ``resisc45`` (NWPU-RESISC45, ``create_NWPU_RESISC``): eval Resize((224, 224)) bilinear on
+  the float tensor (torch's interpolation, no antialiasing, as torchvision 0.8 did); train
+  Resize((224, 224)) on the PIL image + RandomResizedCrop(224, scale 0.2-1, bicubic) + flip.
+  Its own mean/std.
 * ``direct``: the project's VTAB rule (bicubic straight to size x size) for both.
 
 The geometry follows torchvision's rules exactly (``int(size * long / short)`` for the long
@@ -122,16 +123,42 @@ def cxr_train(image: ImageLike, size: int, rng: np.random.Generator) -> np.ndarr
   return _array(color_jitter(pil, rng))
 
 
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source rows and weights of torch's bilinear resize, ``align_corners=False``, no
+  antialiasing: source coordinate ``(i + 0.5) * in / out - 0.5``, clamped at 0."""
+  src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  return lo, hi, src - lo
+
+
+def tensor_bilinear_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """(H, W, C) float64 -> (height, width, C): ``transforms.Resize((h, w))`` on a tensor in
+  torchvision 0.8 (the reference's version), i.e. ``F.interpolate(mode='bilinear',
+  align_corners=False)`` without antialiasing."""
+  lo, hi, w = _linear_taps(image.shape[0], height)
+  rows = image[lo] * (1 - w)[:, None, None] + image[hi] * w[:, None, None]
+  lo, hi, w = _linear_taps(image.shape[1], width)
+  return rows[:, lo] * (1 - w)[None, :, None] + rows[:, hi] * w[None, :, None]
+
+
 def resisc45_eval(image: ImageLike, size: int) -> np.ndarray:
-  pil = preprocess.to_pil(image)
-  if pil.size != (size, size):
-    pil = pil.resize((size, size), Image.BILINEAR)
-  return _array(pil)
+  """ToTensor then Resize((size, size)) on the tensor (bilinear, not antialiased), as the
+  reference's RESISC45 test transform; rounded back to uint8 (error <= 0.5 / 255)."""
+  array = np.asarray(preprocess.to_pil(image), np.float64)
+  if array.shape[:2] == (size, size):
+    return array.astype(np.uint8)
+  out = tensor_bilinear_resize(array, size, size)
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def resisc45_train(image: ImageLike, size: int, rng: np.random.Generator) -> np.ndarray:
-  square = resisc45_eval(image, size)
-  return preprocess.random_resized_crop_flip(square, size, rng, scale=(0.2, 1.0))
+  """Resize((size, size)) on the PIL image (PIL bilinear), RandomResizedCrop(size, scale
+  0.2-1, bicubic), horizontal flip."""
+  pil = preprocess.to_pil(image)
+  if pil.size != (size, size):
+    pil = pil.resize((size, size), Image.BILINEAR)
+  return preprocess.random_resized_crop_flip(pil, size, rng, scale=(0.2, 1.0))
 
 
 def direct(image: ImageLike, size: int) -> np.ndarray:
