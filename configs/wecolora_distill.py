@@ -11,8 +11,9 @@ batch 128 x 8 accumulation, 10 epochs (2 warmup), per-step half-cycle cosine; fe
       --config.models.teacher.checkpoint=pretrained/mae_pretrain_vit_base.pth
 
 Arguments: r (2), rank (128), lora (enhanced | plain), student (lora | weco_kd | no_copy),
-loss (last | segments), ratio (0.01), backend (image_folder | tfds_images), dataset (TFDS name
-for tfds_images, e.g. imagenet2012), teacher (checkpoint path), seed.
+loss (last | segments), ratio (the paper's alpha: 0.01 or 0.1 of every class), root (the
+ImageNet-layout folder, same as --config.data.root), backend (image_folder | tfds_images),
+dataset (TFDS name for tfds_images, e.g. imagenet2012), teacher (checkpoint path), seed.
 """
 
 from idat_jax import config_lib
@@ -21,7 +22,7 @@ from idat_jax.methods.wecolora import distill_lr
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, r=2, rank=128, lora="enhanced", student="lora", loss="last",
-                           ratio=0.01, backend="image_folder", dataset="imagenet2012",
+                           ratio=0.01, backend="image_folder", dataset="imagenet2012", root="",
                            teacher="pretrained/mae_pretrain_vit_base.pth", seed=0)
   c = config_lib.base_config()
   c.method = "wecolora"
@@ -29,6 +30,7 @@ def get_config(arg=None):
   c.wecolora.update(dict(reduction=a.r, student=a.student, loss=a.loss))
 
   c.data.backend = a.backend
+  c.data.root = a.root
   c.data.task = a.dataset
   c.data.train_split = "train"
   c.data.image_size = 224

@@ -132,3 +132,106 @@ def test_supervised_default_description():
   c.method = "supervised"
   c.data.task = "dtd"
   assert build_method(c).describe() == {"task": "dtd", "tuning": "gist_seq_adapter"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-label loss, streamed vs cached probe inputs, data-set selection in the configs.
+
+def test_bce_with_logits_matches_torch():
+  from idat_jax.methods import losses
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((16, 15)).astype(np.float32) * 4
+  targets = (rng.random((16, 15)) < 0.3).astype(np.float32)
+  want = torch.nn.BCEWithLogitsLoss()(torch.from_numpy(logits), torch.from_numpy(targets))
+  got = losses.binary_cross_entropy_with_logits(jnp.asarray(logits), jnp.asarray(targets))
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def _tiny_probe(tmp_path, backend="image_folder", transform="direct"):
+  from idat_jax import checkpoints as ck
+  from idat_jax.models import build_vit
+  from vit_testing import random_params
+  arch = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
+  path = str(tmp_path / "teacher.npz")
+  ck.save_npz(random_params(build_vit(None, 0, image_size=16, **arch), seed=0), path)
+  c = config_lib.base_config()
+  c.method = "linear_probe"
+  c.data.backend = backend
+  c.data.image_size = 16
+  c.data.num_classes = 4
+  c.models.teacher = config_lib.model_config("custom", path, "full")
+  for k, v in arch.items():
+    c.models.teacher[k] = v
+  c.probe.update(dict(reduction=1, transform=transform))
+  return c
+
+
+@pytest.mark.parametrize("backend,transform", [("chestxray", "cxr"), ("image_folder", "direct")])
+def test_streamed_loss_equals_cached_feature_loss(tmp_path, backend, transform):
+  """The streamed probe (backbone inside the step) computes the loss the cached one does."""
+  from idat_jax import train
+  from idat_jax import sharding as shd
+  method = build_method(_tiny_probe(tmp_path, backend, transform))
+  assert method.eval_metric == ("mean_auroc" if backend == "chestxray" else "top1")
+  assert (method.features_from is None) == (transform == "cxr")
+  params, _, _, extras = train.load_models(method, jax.random.key(0), shd.make_mesh(1))
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((6, 16, 16, 3)), jnp.float32)
+  labels = jnp.asarray([1, 5, 0, 15, 8, 3] if backend == "chestxray" else [0, 1, 2, 3, 0, 1],
+                       jnp.int32)
+  feats = method.features(params, images)
+  a, _, ea = method.loss(params, {"image": images, "label": labels}, None, extras)
+  b, _, eb = method.loss(params, {"feature": feats, "label": labels}, None, extras)
+  assert float(a) == pytest.approx(float(b), rel=1e-6)
+  np.testing.assert_allclose(ea["probe"]["batch_stats"]["bn"]["var"],
+                             eb["probe"]["batch_stats"]["bn"]["var"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(method.predict(params, images, ea),
+                             method.predict(params, feats, eb), rtol=1e-5, atol=1e-6)
+  if backend == "chestxray":  # BCE over the 4 labels of the packed masks
+    from idat_jax.data.multilabel_csv import unpack_labels
+    probe = method._specs()["probe"].module
+    logits = probe.apply({"params": params["probe"], **extras["probe"]}, feats, train=True,
+                         mutable=["batch_stats"])[0]
+    want = torch.nn.BCEWithLogitsLoss()(
+        torch.from_numpy(np.asarray(logits)),
+        torch.from_numpy(unpack_labels(np.asarray(labels), 4)))
+    assert float(a) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("arg,backend,train,eval_,transform,norm,multi", [
+    ("dataset=cifar100", "tfds_images", "train", "test", "resize_crop", "imagenet", False),
+    ("dataset=imagenet,root=/d/in", "image_folder", "train", "val", "resize_crop", "imagenet",
+     False),
+    ("dataset=inat19,root=/d/inat", "image_folder", "train", "val", "resize_crop", "imagenet",
+     False),
+    ("dataset=resisc45,root=/d/r", "image_folder", "train", "test", "resisc45", "resisc45", False),
+    ("dataset=chestxray,root=/d/cxr", "chestxray", "train", "test", "cxr", "chestxray", True),
+    ("dataset=csv,root=/d/rsna", "multilabel_csv", "train", "test", "direct", "imagenet", True),
+])
+def test_linprobe_config_selects_the_data_set(arg, backend, train, eval_, transform, norm, multi):
+  c = _config_module("wecolora_linprobe").get_config(arg)
+  d = c.data
+  assert (d.backend, d.train_split, d.eval_split, c.probe.transform, d.normalization) == \
+      (backend, train, eval_, transform, norm)
+  method = build_method(c)
+  assert method.eval_metric == ("mean_auroc" if multi else "top1")
+  assert method.features_from == (None if transform in ("cxr", "resisc45") else "backbone")
+  if "root=" in arg:
+    assert d.root == arg.split("root=")[1]
+  if "resisc45" in arg:
+    # Two sides of the stratified split of 'train': the eval split's name must differ.
+    assert (d.stratified_split, d.stratified_seed) == (0.1, 0) and d.eval_split != d.train_split
+
+
+def test_linprobe_few_shot_and_no_augment():
+  module = _config_module("wecolora_linprobe")
+  c = module.get_config("dataset=imagenet,few_shot=True")
+  assert (c.data.few_shot_ratio, c.data.few_shot_seed) == (0.1, 12)
+  assert module.get_config("dataset=imagenet").data.few_shot_ratio == 1.0
+  c = module.get_config("dataset=chestxray,augment=False")
+  assert build_method(c).features_from == "backbone"  # eval transform, cached features
+
+
+def test_distill_config_alpha_and_root():
+  c = _config_module("wecolora_distill").get_config("ratio=0.1,root=/d/imagenet/train")
+  assert (c.data.few_shot_ratio, c.data.root) == (0.1, "/d/imagenet/train")
