@@ -217,6 +217,59 @@ def test_peft_only_holds_exactly_the_trained_parameters(lora_run, idat_run, root
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_probe_export_is_a_plain_vit_classifier(root, test_split):
+  """A linear probe's export: backbone + BatchNorm folded into the head, read by timm."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  import torch_reference as tref
+  from idat_jax import config_lib
+  c = config_lib.base_config()
+  c.method = "linear_probe"
+  c.probe.reduction = 1  # the teacher itself
+  c.data.update(dict(backend="folder", root=str(root / "data"), task="my_digits",
+                     image_size=IMAGE, normalization="inception"))
+  c.models.teacher = config_lib.model_config("custom", str(root / "student.npz"), "full")
+  for key, value in ARCH["student"].items():
+    c.models.teacher[key] = value
+  c.optim.update(dict(name="lars", lr=0.5, weight_decay=0.0, schedule="half_cycle_cosine",
+                      epochs=EPOCHS, warmup_epochs=1, cooldown_epochs=0, min_lr=0.0))
+  c.batch_size, c.eval_batch_size, c.num_devices = 50, 100, 1
+  c.progress_bar = False
+  workdir = str(root / "runs" / "probe")
+  summary = train.train_and_evaluate(c, workdir)
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(c.to_json_best_effort(indent=2))
+  out = str(root / "exported" / "probe.npz")
+  assert export.export_run(workdir, out) == {"probe": out}
+  images, labels = test_split
+  module = build_vit("custom", 5, image_size=IMAGE, **ARCH["student"])
+  logits = np.asarray(module.apply({"params": ckpt_io.load_params(out)}, images, train=False))
+  assert _top1(logits, labels) == pytest.approx(summary["last_top1"], abs=1e-9)
+  model = tref.load_npz(tref.timm_vit(image_size=IMAGE, num_classes=5, **ARCH["student"]), out)
+  with torch.no_grad():
+    theirs = model.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  np.testing.assert_allclose(theirs, logits, atol=2e-4, rtol=0)
+  assert _top1(theirs, labels) == pytest.approx(summary["last_top1"], abs=1e-9)
+
+
+def test_export_of_an_earlier_step(idat_run, root):
+  _, workdir, _ = idat_run
+  from idat_jax.training.checkpointing import read_run_checkpoint
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert len(steps) >= 2
+  out = str(root / "exported" / "early.npz")
+  paths = export.export_run(workdir, out, step=steps[0], peft_only=True)
+  state, _ = read_run_checkpoint(os.path.join(workdir, "checkpoints"), steps[0])
+  latest, _ = read_run_checkpoint(os.path.join(workdir, "checkpoints"))
+  with np.load(paths["student"]) as f:
+    head = f["head/kernel"]
+  np.testing.assert_array_equal(head, state["trainable"]["student"]["head"]["kernel"])
+  assert not np.array_equal(head, latest["trainable"]["student"]["head"]["kernel"])
+  with pytest.raises(FileNotFoundError, match="step 999"):
+    export.export_run(workdir, out, step=999)
+
+
 def test_export_errors_name_the_run_and_the_fix(idat_run, root, tmp_path):
   _, workdir, _ = idat_run
   with pytest.raises(export.ExportError, match="exclude each other"):
