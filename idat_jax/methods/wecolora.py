@@ -8,8 +8,11 @@ same jit step under ``stop_gradient``. Baselines: ``weco_kd`` (copied student tr
 loss after the final norm) and ``no_copy`` (random shallow student, same loss as weco_kd).
 
 ``linear_probe`` (B.9): a frozen backbone (teacher, or teacher + a distilled student's
-weights) gives the class token after the final norm, computed once and cached on the device;
-BatchNorm without affine + a linear head train on the cache with LARS.
+weights) gives the class token after the final norm; BatchNorm without affine (torch's
+running-variance rule) + a linear head train with LARS. Features are computed once and cached
+on the device when the data set's train transform is deterministic, and the backbone runs per
+step on streamed, augmented images when it is random (ChestX-ray14, RESISC45), as in the
+reference. Multi-label sets train with BCE and report mean AUROC.
 """
 
 from __future__ import annotations
