@@ -328,10 +328,12 @@ def _compare_adamw_with_torch(dtype):
   assert np.abs(np.asarray(p2["head"]["bias"]) - tparams["head/bias"].detach().numpy()).max() > 1e-5
 
 
+@pytest.mark.slow  # against torch.optim.AdamW
 def test_adamw_matches_torch_float32():
   _compare_adamw_with_torch(np.float32)
 
 
+@pytest.mark.slow  # against torch.optim.AdamW
 def test_adamw_matches_torch_float64():
   with jax.enable_x64(True):
     _compare_adamw_with_torch(np.float64)
