@@ -4,8 +4,10 @@
 
 Each positional argument is a sweep directory (as written by scripts/run_vtab.sh); its rows
 are averaged over seeds per task. Prints Markdown, writes ``<out>.md``, ``<out>.csv`` and a
-bar chart ``<out>.png``. Means: per group (Natural / Specialized / Structured), the mean of the
-19 tasks, and the mean of the three group means (papers use either; both are shown).
+bar chart ``<out>.png`` (when matplotlib, the ``plots`` extra, is installed). The task columns
+come from the registry, ``idat_jax.data.vtab``. Means: per group (Natural / Specialized /
+Structured), the mean of the 19 tasks, and the mean of the three group means (papers use
+either; both are shown).
 """
 
 from __future__ import annotations
@@ -19,14 +21,11 @@ from collections import defaultdict
 
 import numpy as np
 
-# The iDAT/SSF CSV column order.
-ORDER = {
-    "Natural": ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn",
-                "sun397"],
-    "Specialized": ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"],
-    "Structured": ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-                   "smallnorb_azi", "smallnorb_ele"],
-}
+from idat_jax.data import vtab
+
+# Columns: the 19 tasks of the registry by group (Natural / Specialized / Structured).
+ORDER = {group: list(vtab.tasks_in_group(group)) for group in vtab.GROUPS}
+# Display names (the SSF/iDAT --dataset names where they are shorter).
 SHORT = {"cifar": "cifar100", "oxford_flowers102": "flowers102", "oxford_iiit_pet": "pets",
          "patch_camelyon": "camelyon", "diabetic_retinopathy": "retinopathy"}
 
@@ -82,7 +81,12 @@ def to_markdown(header, rows) -> str:
 
 
 def bar_chart(sweeps, path: str) -> None:
-  import matplotlib
+  try:
+    import matplotlib
+  except ImportError:
+    print(f"note: matplotlib is not installed (pip install -e .[plots]); no chart {path}",
+          file=sys.stderr)
+    return
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   tasks = [t for group in ORDER.values() for t in group]
