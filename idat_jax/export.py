@@ -106,6 +106,8 @@ def trained_models(workdir: str, step: int | None = None, *, peft_only: bool = F
   from idat_jax.methods import build_method
   from idat_jax.training import trainable as tr
 
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
   config = read_run_config(workdir)
   state, meta, restored_step = _read_checkpoint(workdir, step)
   trained = state["trainable"]
@@ -231,7 +233,6 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
   parser.add_argument("--peft-only", "--peft_only", dest="peft_only", action="store_true",
                       help="write only the trained parameters (PEFT modules and head)")
   args = parser.parse_args(argv)
-  logging.set_verbosity(logging.INFO)
   try:
     paths = export_run(args.workdir, args.out, step=args.step, merge_lora=args.merge_lora,
                        peft_only=args.peft_only)

@@ -293,7 +293,7 @@ class Recipe:
   drop_path: float
 
 
-IDAT_SOURCE = "JCruan519/iDAT train_vtab_onlinekd.sh (identical to SSF's)"
+IDAT_SOURCE = "JCruan519/iDAT train_vtab_onlinekd.sh, identical to SSF's"
 
 # Per-task (lr, weight decay, drop-path) of the released iDAT script.
 IDAT_RECIPES: Mapping[str, Recipe] = {name: Recipe(*values) for name, values in {
