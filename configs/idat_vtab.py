@@ -72,7 +72,8 @@ def _recipe(a) -> tuple[float, float, float, str]:
         f"--config configs/idat_vtab.py:task={a.task},lr=5e-3,wd=5e-5 (drop_path=0.1 "
         f"optional), or use the documented default with :task={a.task},recipe=custom")
   return (explicit.get("lr", recipe.lr), explicit.get("wd", recipe.weight_decay),
-          explicit.get("drop_path", recipe.drop_path), f"idat_vtab:{name}")
+          explicit.get("drop_path", recipe.drop_path),
+          vtab.recipe_label("idat_vtab", name, task))
 
 
 def get_config(arg=None):

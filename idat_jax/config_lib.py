@@ -166,9 +166,10 @@ def base_config() -> ml_collections.ConfigDict:
       # LARS always uses MoCo-v3's rule (ndim > 1 decays).
       decay_mask="torch",
       # Where lr / weight_decay (and drop-path) come from, logged at the start of a run
-      # (idat_jax.data.vtab.describe_recipe): 'idat_vtab:<task>' (a registered VTAB-1K
-      # recipe), 'idat_vtab:custom' (the documented default for a user's task),
-      # 'idat_vtab:explicit' (lr and wd given as arguments), '' (the config file's values).
+      # (idat_jax.data.vtab.describe_recipe): '<config>:<recipe>@<task chosen for>', e.g.
+      # 'idat_vtab:dtd@dtd' (a registered VTAB-1K recipe), 'idat_vtab:custom@my_task' (the
+      # documented default), 'idat_vtab:explicit@my_task' (lr and wd given as arguments);
+      # '' = the config file's own values.
       recipe="",
   ))
 

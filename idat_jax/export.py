@@ -39,7 +39,7 @@ from absl import logging
 
 from idat_jax import checkpoints as ckpt_io
 from idat_jax import config_lib
-from idat_jax.tree_util import flatten, unflatten
+from idat_jax.tree_util import flatten
 
 CONFIG_FILE = "config.json"
 PROBE_BN_EPSILON = 1e-6  # MAE's BatchNorm1d(eps=1e-6) in front of the probe head

@@ -36,9 +36,9 @@ def test_registered_tasks_keep_the_released_recipe():
   c = cfg.get_config("task=eurosat")
   assert (c.optim.lr, c.optim.weight_decay, c.models.student.drop_path,
           c.models.teacher.drop_path) == (3e-3, 5e-2, 0.2, 0.2)
-  assert c.optim.recipe == "idat_vtab:eurosat" and c.data.num_classes is None
+  assert c.optim.recipe == "idat_vtab:eurosat@eurosat" and c.data.num_classes is None
   c = cfg.get_config("task=cifar100")  # alias -> folder name
-  assert c.data.task == "cifar" and c.optim.recipe == "idat_vtab:cifar" and c.optim.lr == 5e-3
+  assert c.data.task == "cifar" and c.optim.recipe == "idat_vtab:cifar@cifar" and c.optim.lr == 5e-3
   assert cfg.TASK_HPARAMS["clevr_dist"] == (5e-2, 5e-2, 0.1)
   assert len(vtab.IDAT_RECIPES) == 19 and set(vtab.IDAT_RECIPES) == set(vtab.VTAB_TASKS)
 
@@ -51,14 +51,14 @@ def test_unregistered_task_requires_lr_and_wd_or_custom():
   with pytest.raises(ValueError, match="no registered recipe"):
     cfg.get_config("task=my_flowers,lr=1e-2")  # wd missing
   c = cfg.get_config("task=my_flowers,recipe=custom")
-  assert c.data.task == "my_flowers" and c.optim.recipe == "idat_vtab:custom"
+  assert c.data.task == "my_flowers" and c.optim.recipe == "idat_vtab:custom@my_flowers"
   assert (c.optim.lr, c.optim.weight_decay, c.models.student.drop_path) == (5e-3, 5e-5, 0.0)
   assert c.data.num_classes is None  # read from the data at setup
   c = cfg.get_config("task=my_flowers,lr=1e-2,wd=1e-4,drop_path=0.1")
-  assert c.optim.recipe == "idat_vtab:explicit"
+  assert c.optim.recipe == "idat_vtab:explicit@my_flowers"
   assert (c.optim.lr, c.optim.weight_decay, c.models.teacher.drop_path) == (1e-2, 1e-4, 0.1)
   c = cfg.get_config("task=my_flowers,recipe=flowers102")  # borrow a registered recipe
-  assert c.optim.recipe == "idat_vtab:oxford_flowers102" and c.optim.lr == 5e-3
+  assert c.optim.recipe == "idat_vtab:oxford_flowers102@my_flowers" and c.optim.lr == 5e-3
   with pytest.raises(ValueError, match="unknown recipe 'nope'"):
     cfg.get_config("task=my_flowers,recipe=nope")
   with pytest.raises(ValueError, match="no '/'"):
@@ -90,11 +90,26 @@ def test_describe_recipe_names_origin_and_overrides():
   assert vtab.describe_recipe(c).startswith(
       "recipe: lr and weight decay given explicitly (idat_vtab arguments) for task 'my_flowers'")
 
+  # A borrowed recipe is said so, without a warning.
+  text = vtab.describe_recipe(cfg.get_config("task=my_flowers,recipe=flowers102"))
+  assert "recipe of VTAB-1K task 'oxford_flowers102'" in text and "for task 'my_flowers'" in text
+  assert "note: borrowed with idat_vtab:recipe=oxford_flowers102" in text
+  assert "WARNING" not in text
+
   # The issue's silent case: dtd's recipe applied to another task via --config.data.task.
   c = cfg.get_config("task=dtd")
   c.data.task = "my_flowers"
-  assert ("WARNING: the recipe is task 'dtd''s but the run's task is 'my_flowers'"
+  assert ("WARNING: the recipe was chosen for task 'dtd' but the run's task is 'my_flowers'"
           in vtab.describe_recipe(c))
+  c = cfg.get_config("task=other,recipe=custom")
+  c.data.task = "my_flowers"
+  assert "WARNING: the recipe was chosen for task 'other'" in vtab.describe_recipe(c)
+
+  # Other config files may name their recipe; none set: the config file's own values.
+  c = cfg.get_config("task=dtd")
+  c.optim.recipe = "wecolora_distill:README command@imagenet2012"
+  assert vtab.describe_recipe(c).startswith(
+      "recipe: README command (configs/wecolora_distill.py) for task 'dtd'")
 
   from idat_jax import demo
   text = vtab.describe_recipe(demo.demo_config("idat", "/data"))

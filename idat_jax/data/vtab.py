@@ -337,13 +337,24 @@ def _fmt(x: float) -> str:
   return f"{x:g}"
 
 
+def recipe_label(source: str, name: str, task: str) -> str:
+  """``config.optim.recipe``: ``'<config>:<recipe name>@<task it was chosen for>'``."""
+  return f"{source}:{name}@{task}"
+
+
+def _parse_label(label: str) -> tuple[str, str, str | None]:
+  source, _, rest = label.partition(":")
+  name, at, chosen_for = rest.partition("@")
+  return source, name, (chosen_for if at else None)
+
+
 def describe_recipe(config: Any) -> str:
   """Human-readable recipe in force and where each value came from (logged at run start).
 
-  Reads ``config.optim.recipe`` (``'<config>:<recipe name>'``, set by the config file) and
+  Reads ``config.optim.recipe`` (see :func:`recipe_label`; set by the config file) and
   compares the run's actual lr / weight decay / drop-path with that recipe, so a value
   changed on the command line, or a task changed with ``--config.data.task`` after the
-  config picked the recipe of another task, is said so instead of passing silently.
+  config picked its recipe, is said so instead of passing silently.
   """
   o = config.optim
   label = o.get("recipe", "") or ""
@@ -352,12 +363,14 @@ def describe_recipe(config: Any) -> str:
   drop = {name: m.drop_path for name, m in models.items()
           if name in _model_names(config) and "drop_path" in m}
   values = dict(lr=o.lr, weight_decay=o.weight_decay)
-  source, name = (label.split(":", 1) + [""])[:2] if label else ("", "")
+  source, name, chosen_for = _parse_label(label)
   lines = []
   recipe = None
   if not label:
     lines.append(f"recipe: the values set in the config file (method {config.method}, task "
                  f"{task!r})")
+  elif source != "idat_vtab":
+    lines.append(f"recipe: {name or label} (configs/{source}.py) for task {task!r}")
   elif name == EXPLICIT:
     lines.append(f"recipe: lr and weight decay given explicitly ({source} arguments) for "
                  f"task {task!r}, which has no registered recipe")
@@ -371,13 +384,12 @@ def describe_recipe(config: Any) -> str:
     origin = IDAT_SOURCE if recipe is not None else "unknown recipe name"
     lines.append(f"recipe: {source} recipe of VTAB-1K task {name!r} ({origin}) for task "
                  f"{task!r}")
-    if recipe is not None and name != task and idat_recipe(task) is not None:
-      lines.append(f"  note: task {task!r} has its own registered recipe; this run uses "
-                   f"{name!r}'s")
-    elif recipe is not None and name != task:
-      lines.append(f"  WARNING: the recipe is task {name!r}'s but the run's task is {task!r} "
-                   f"(changed with --config.data.task?). Use {source}:task={task} so the "
-                   "task's own recipe (or the explicit/custom rule) applies")
+    if recipe is not None and name != chosen_for:
+      lines.append(f"  note: borrowed with {source}:recipe={name}")
+  if chosen_for is not None and chosen_for != task:
+    lines.append(f"  WARNING: the recipe was chosen for task {chosen_for!r} but the run's task "
+                 f"is {task!r} (changed with --config.data.task?). Use {source}:task={task} "
+                 "so that task's own recipe (or the explicit/custom rule) applies")
   rule = f"no-decay rule {o.get('decay_mask', 'torch')}" if o.name == "adamw" else "MoCo-v3"
   cooldown = f" + {o.cooldown_epochs} cooldown" if o.cooldown_epochs else ""
   accum = f" x {o.accum_steps} accumulated" if o.accum_steps > 1 else ""
