@@ -10,6 +10,8 @@ from typing import Any
 
 import ml_collections
 
+from idat_jax.errors import ConfigError
+
 FieldRef = ml_collections.FieldReference
 
 
@@ -22,14 +24,14 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     if not item:
       continue
     if "=" not in item:
-      raise ValueError(f"config argument {item!r} is not key=value (in {arg!r})")
+      raise ConfigError(f"config argument {item!r} is not key=value (in {arg!r})")
     key, value = item.split("=", 1)
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+      raise ConfigError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
     kind = type(defaults[key])
     if kind is bool:
       if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+        raise ConfigError(f"config argument {key}={value!r} is not a boolean")
       out[key] = value.lower() in ("true", "1")
     elif defaults[key] is None:
       out[key] = value
@@ -185,4 +187,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = ""
 
   c.eval = ml_collections.ConfigDict(dict(step=FieldRef(None, field_type=int)))  # mode=eval
+  # A resume whose trajectory config (everything but run controls such as logging, eval
+  # frequency, checkpoint cadence and caches) differs from the checkpointed run is refused;
+  # True resumes anyway and records the changed keys in the checkpoint meta.
+  c.resume_changed = False
   return c
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r}: {rule}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the run controls before any work: values that would crash after setup, or finish
+  with exit 0 having lost results (``keep_checkpoints=0`` deleted every checkpoint)."""
+  get = config.get
+  _require(get("mode", "train") in ("train", "eval"), "mode", get("mode"), "use train or eval")
+  for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_epochs",
+              "keep_checkpoints"):
+    value = get(key)
+    if value is None:
+      continue
+    _require(isinstance(value, int) and value >= 1, key, value,
+             "must be an integer >= 1" + (" (0 would delete every checkpoint of the run)"
+                                          if key == "keep_checkpoints" else ""))
+  for key in ("eval_every_epochs", "stop_after_steps"):
+    value = get(key)
+    if value is not None:
+      _require(isinstance(value, int) and value >= 0, key, value,
+               "must be an integer >= 0 (0: " + ("no evaluation)" if key == "eval_every_epochs"
+                                                 else "no early stop)"))
+  optim = get("optim") or {}
+  checks = (("epochs", 1), ("accum_steps", 1), ("cooldown_epochs", 0), ("warmup_epochs", 0))
+  for key, low in checks:
+    value = optim.get(key)
+    if value is not None:
+      _require(isinstance(value, int) and value >= low, f"optim.{key}", value,
+               f"must be an integer >= {low}")
+  data = get("data") or {}
+  if data.get("image_size") is not None:
+    _require(int(data["image_size"]) >= 1, "data.image_size", data["image_size"],
+             "must be >= 1")

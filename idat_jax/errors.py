@@ -23,3 +23,7 @@ class WorkdirError(IdatError, RuntimeError):
 
 class CheckpointError(IdatError, ValueError):
   """A checkpoint that cannot be read, written, or does not fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """A pretrained file or run checkpoint that is not where the config says."""

@@ -2,39 +2,120 @@
 
 ``config.mode=train`` trains (resuming from the work dir), ``config.mode=eval`` restores the
 latest (or ``config.eval.step``) checkpoint and evaluates it.
+
+Errors a user can cause (bad config, data, checkpoint or work dir; ``idat_jax.errors``) are
+printed as one line, ``error: <message>``, with exit code 1; the full traceback goes to
+``<workdir>/logs/error-<time>.log``, or to stderr with ``--verbosity=1``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+import tempfile
+import time
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from idat_jax.errors import IdatError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':arg' (see configs/).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, results).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception))\s*:\s*(.*)$")
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  workdir = _WORKDIR.value
+
+def _one_line(text: str) -> str:
+  return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _traceback_file(workdir: str | None) -> str:
+  """Where the full traceback of a failed run goes (the work dir, else the temp dir)."""
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+  if workdir and "://" not in workdir:
+    try:
+      path = os.path.join(workdir, "logs", f"error-{stamp}.log")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "a", encoding="utf-8"):
+        pass
+      return path
+    except OSError:
+      pass
+  return os.path.join(tempfile.gettempdir(), f"idat_jax-error-{stamp}-{os.getpid()}.log")
+
+
+def fail(message: str, workdir: str | None = None, verbose: bool = False) -> None:
+  """Prints ``error: <message>`` (+ where the traceback is) and exits with status 1."""
+  detail = traceback.format_exc()
+  where = ""
+  if detail and not detail.startswith("NoneType: None"):
+    if verbose:
+      sys.stderr.write(detail)
+    else:
+      path = _traceback_file(workdir)
+      try:
+        with open(path, "w", encoding="utf-8") as f:
+          f.write(detail)
+        where = f"(traceback: {path}; --verbosity=1 prints it)"
+      except OSError:
+        where = "(--verbosity=1 prints the traceback)"
+  sys.stderr.write(f"error: {_one_line(message)}\n")
+  if where:
+    sys.stderr.write(where + "\n")
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Not sys.exit: library threads (Orbax's async workers, TensorStore) would print their own
+  # tracebacks at interpreter shutdown after a failed restore and bury the message above.
+  os._exit(1)
+
+
+def _flag_error_message(error: Exception) -> str:
+  """The cause of a flag-parsing failure, without ml_collections' nested tracebacks."""
+  text = str(error)
+  if isinstance(error, flags.IllegalFlagValueError) and "Traceback" in text:
+    # A config file raised: its own exception is the last 'SomethingError: message' line.
+    for line in reversed(text.splitlines()):
+      match = _ERROR_LINE.match(line)
+      if match:
+        return f"{match.group(1)}: {match.group(2)}"
+  if isinstance(error, (AttributeError, KeyError)):
+    # A --config.x.y override naming no field (ml_collections: "'lrr' Did you mean ...").
+    cleaned = _one_line(text.replace("\\n", "\n").replace("\\'", "'")).strip("'\" ")
+    key = re.match(r"'?([^'\s]+)'?\s*(.*)$", cleaned)
+    if key:
+      cleaned = f"'{key.group(1)}'" + (f"; {key.group(2).strip(chr(39))}" if key.group(2) else "")
+    return (f"unknown config key {cleaned} in a --config.* override (every key and its "
+            "default is in idat_jax/config_lib.py)")
+  return _one_line(text)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with config-file and override errors reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"invalid flags: {_flag_error_message(e)}")
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    fail(f"invalid flags: {_flag_error_message(e)}")
+  return []
+
+
+def run(config, workdir: str) -> dict:
   # Imported late so that --helpfull stays fast and XLA flags from the shell apply.
   import jax
   from idat_jax import sharding, train
-
   from idat_jax.training.metrics import quiet_library_logs
+
   quiet_library_logs()
   jax.config.update("jax_threefry_partitionable", True)
   sharding.initialize_distributed(config.distributed)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
   train.enable_compilation_cache(config, workdir)
   if config.mode == "train":
     summary = train.train_and_evaluate(config, workdir)
@@ -45,7 +126,24 @@ def main(argv) -> None:
   logging.info("summary: %s", json.dumps(summary, default=str))
   if jax.process_index() == 0:
     print(json.dumps(summary, default=str))
+  return summary
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir = _WORKDIR.value
+  verbose = flags.FLAGS["verbosity"].value >= 1
+  try:
+    config = _CONFIG.value
+    config.get("mode")  # the value is a proxy that raises the load error on first access
+  except OSError as e:  # ml_collections defers a config file's load error to this access
+    fail(f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}", None, verbose)
+  try:
+    run(config, workdir)
+  except IdatError as e:
+    fail(str(e), workdir, verbose)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -13,7 +13,9 @@ optimizer and schedule, and runs the loop on a ``data`` mesh:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -27,18 +29,25 @@ import optax
 from absl import logging
 
 from idat_jax import checkpoints as ckpt_io
+from idat_jax import config_lib
 from idat_jax import sharding as shd
 from idat_jax.data import pipeline
 from idat_jax.methods import Method, build_method
 from idat_jax.models import dummy_images
 from idat_jax.tree_util import flatten, unflatten
 from idat_jax.training import features, inputs, optim, schedules, trainable as tr
+from idat_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError, IdatError
+from idat_jax.fileio import atomic_write
+from idat_jax.training import workdir as wd
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
 from idat_jax.training.metrics import MetricWriter, append_result
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+class NonFiniteLossError(IdatError, FloatingPointError):
+  """The loss became NaN or infinite; the message names the last good checkpoint."""
+
+
+SUMMARY_FILE = "summary.json"  # the finished run's summary (a re-run returns it)
 
 
 @dataclasses.dataclass
@@ -57,10 +66,11 @@ class Setup:
   total_epochs: int
   counts: dict[str, tuple[int, int]]
   eval_data: Any = None  # cached features (feature methods); else built by build_eval
+  eval_source: Any = None  # the eval split, opened (checked) by setup before model init
 
   def get_eval_data(self, workdir: str):
     if self.eval_data is None:
-      self.eval_data = inputs.build_eval(self.config, self.mesh, workdir)
+      self.eval_data = inputs.build_eval(self.config, self.mesh, workdir, self.eval_source)
     return self.eval_data
 
   @property
@@ -95,7 +105,7 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
   specs = method._specs()
   for name, spec in specs.items():  # before any (possibly expensive) model init
     if spec.checkpoint and "://" not in spec.checkpoint and not os.path.exists(spec.checkpoint):
-      raise FileNotFoundError(
+      raise CheckpointNotFoundError(
           f"pretrained checkpoint for model '{name}' not found: {spec.checkpoint} "
           f"(resolved to {os.path.abspath(spec.checkpoint)}). Download it first (see the "
           "README, 'Pretrained checkpoints') or set --config.models.<name>.checkpoint")
@@ -104,12 +114,18 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
     key = jax.random.fold_in(rng, i)
     given = {}
     if spec.checkpoint:
-      loaded = ckpt_io.load_params(spec.checkpoint, num_heads=spec.num_heads)
-      if spec.load_transform is not None:
-        loaded = spec.load_transform(loaded)
-      shapes = jax.eval_shape(spec.module.init, key, example)["params"]
-      merged, report = ckpt_io.merge_pretrained(shapes, loaded, init_only=spec.init_only,
-                                                ignore_unexpected=spec.ignore_unexpected)
+      try:
+        loaded = ckpt_io.load_params(spec.checkpoint, num_heads=spec.num_heads)
+        if spec.load_transform is not None:
+          loaded = spec.load_transform(loaded)
+        shapes = jax.eval_shape(spec.module.init, key, example)["params"]
+        merged, report = ckpt_io.merge_pretrained(shapes, loaded, init_only=spec.init_only,
+                                                  ignore_unexpected=spec.ignore_unexpected)
+      except (CheckpointError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"pretrained checkpoint {spec.checkpoint} does not fit model '{name}' "
+            f"(config.models.{name}): {e}. Check that models.{name}.variant (or width/depth/"
+            "heads/patch_size) matches the file") from e
       logging.info("%s <- %s\n%s", name, spec.checkpoint, report)
       given = unflatten({k: v for k, v in flatten(merged).items()
                          if not isinstance(v, jax.ShapeDtypeStruct)})
@@ -217,15 +233,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   shd.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
   method = build_method(config)
   caches_features = getattr(method, "features_from", None) is not None
+  # Every split is opened (list files, directories, TFDS metadata) before any model init, so
+  # a missing test split stops the run before minutes of setup, not after.
+  eval_source = None
+  if method.eval_model is not None or caches_features:
+    eval_source = inputs.build_source(config, config.data.eval_split)
   if caches_features:
     train_source = inputs.build_source(config, config.data.train_split)
     num_examples, num_classes = len(train_source), train_source.num_classes
   else:
     train_data = inputs.build_train(config, mesh, workdir)
     num_examples, num_classes = train_data.num_examples, train_data.num_classes
+  method.train_examples = num_examples
   if config.data.num_classes is None:
     config.data.num_classes = num_classes
   steps_per_epoch = num_examples // config.batch_size
+  micro_batches_per_epoch = steps_per_epoch  # the loader's length, before dropping leftovers
   if steps_per_epoch < 1:
     raise ValueError(f"batch size {config.batch_size} exceeds the {num_examples} "
                      "training examples (drop-last leaves no step)")
@@ -240,11 +263,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   params, masks, counts, extras = load_models(method, jax.random.key(config.seed), mesh)
   eval_data = None
   if caches_features:
-    train_data, eval_data = cache_features(config, mesh, workdir, method, params, train_source)
+    train_data, eval_data = cache_features(config, mesh, workdir, method, params, train_source,
+                                           eval_source)
   trainable, frozen = tr.partition(params, masks)
   if not jax.tree.leaves(trainable):
     raise ValueError("the trainable rules select no parameter at all")
-  schedule = make_schedule(config.optim, steps_per_epoch, total_epochs)
+  schedule = make_schedule(config.optim, steps_per_epoch, total_epochs,
+                           micro_batches_per_epoch)
   tx = make_optimizer(config.optim, schedule, trainable)
   replicated = shd.replicated(mesh)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
@@ -252,16 +277,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
                extra=extras)
   return Setup(config, method, mesh, masks, frozen, state, tx, schedule, train_data,
-               steps_per_epoch, total_epochs, counts, eval_data)
+               steps_per_epoch, total_epochs, counts, eval_data, eval_source)
 
 
-def cache_features(config, mesh, workdir, method: Method, params, train_source):
+def cache_features(config, mesh, workdir, method: Method, params, train_source,
+                   eval_source=None):
   """Runs the method's frozen feature model once over the train and eval splits."""
   normalize = inputs.normalizer(config.data.normalization)
   cache = inputs.cache_dir(config, workdir)
+  if eval_source is None:
+    eval_source = inputs.build_source(config, config.data.eval_split)
   data = {}
-  for split, source in (("train", train_source),
-                        ("eval", inputs.build_source(config, config.data.eval_split))):
+  for split, source in (("train", train_source), ("eval", eval_source)):
     batches = pipeline.EvalIterator(
         source, config.data.image_size, config.eval_batch_size, mesh,
         resident_budget_bytes=0, cache_dir=cache)
@@ -388,10 +415,9 @@ def evaluate(s: Setup, eval_step, state, eval_data: inputs.EvalData) -> dict[str
   return result
 
 
-def _restore_or_init(s: Setup, ckpt: Checkpointer, step: int | None = None):
-  abstract = abstract_like(s.state, shd.replicated(s.mesh))
-  state, meta = ckpt.restore(step, abstract)
-  return state, meta
+def _restore(s: Setup, ckpt: Checkpointer, step: int | None = None):
+  """(state, meta) of ``step``, or of the newest step that restores (see Checkpointer)."""
+  return ckpt.restore(step, abstract_like(s.state, shd.replicated(s.mesh)))
 
 
 def _fetch(pending: list[dict]) -> dict[str, float]:
@@ -400,19 +426,107 @@ def _fetch(pending: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """The work dir's lock for the run's lifetime; process 0 holds it on multi-host runs."""
+  lock = wd.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _newest_meta(ckpt: Checkpointer) -> dict[str, Any] | None:
+  """Meta of the newest step whose metadata reads (a corrupt one is skipped, and logged)."""
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      return ckpt.read_meta(step)
+    except CheckpointError as e:
+      logging.warning("%s; trying an older step", e)
+  return None
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, saved_meta: dict[str, Any],
+                 current: dict[str, Any]) -> list[str]:
+  """The trajectory keys that changed since the checkpointed run; raises :class:`ConfigError`
+  unless ``config.resume_changed`` accepts them."""
+  saved = saved_meta.get("config")
+  if saved is None:
+    logging.warning("the checkpoints in %s record no config (an older version wrote them): "
+                    "resuming without checking it", workdir)
+    return []
+  changes = wd.config_changes(saved, current)
+  if changes and not config.get("resume_changed", False):
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8
+                                      else "")
+    raise ConfigError(
+        f"work dir {workdir} holds a run with another config ({len(changes)} changed key"
+        f"{'s' if len(changes) > 1 else ''}: {shown}). Use a new --workdir, or resume anyway "
+        "with --config.resume_changed=True (the change is recorded in the checkpoint)")
+  if changes:
+    logging.warning("resuming %s with a changed config, as asked (resume_changed): %s", workdir,
+                    "; ".join(changes))
+  return changes
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the run summary."""
+  """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the run summary.
+
+  The work dir is locked for the run. A resume must have the same trajectory config as the
+  checkpointed run (see :func:`check_resume`); a finished run is not trained again: its
+  stored summary is returned and no second result row is written.
+  """
   t_start = time.time()
+  config_lib.validate(config)
+  current = wd.trajectory_config(config)  # before setup() fills in facts from the data
+  with workdir_lock(workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    try:
+      return _train(config, workdir, ckpt, current, t_start)
+    finally:
+      ckpt.close()
+
+
+def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, Any]:
+  saved_meta = _newest_meta(ckpt) if ckpt.latest_step() is not None else None
+  changes = check_resume(config, workdir, saved_meta, current) if saved_meta else []
+  stored = _read_json(os.path.join(workdir, SUMMARY_FILE))
+  if (stored and stored.get("finished") and not changes
+      and stored.get("step") == ckpt.latest_step()):
+    logging.info("the run in %s already finished at step %d: nothing to train, no result row "
+                 "added (its summary follows)", workdir, stored["step"])
+    return dict(stored, already_finished=True)
+  if jax.process_index() == 0:
+    wd.write_config_record(config, workdir, fresh=ckpt.latest_step() is None)
+
   s = setup(config, workdir)
   setup_s = time.time() - t_start
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-  writer = MetricWriter(workdir)
   meta = {"best_top1": None, "best_epoch": None, "last_top1": None, "history": [],
-          "method": config.method, **s.method.checkpoint_meta()}
+          "metric": s.method.eval_metric, "elapsed_s": 0.0, "method": config.method,
+          "config": current, "resume_overrides": [], **s.method.checkpoint_meta()}
   if ckpt.latest_step() is not None:
-    s.state, meta = _restore_or_init(s, ckpt)
+    s.state, restored = _restore(s, ckpt)
+    meta.update(restored)
     logging.info("resumed from step %d in %s", int(s.state["step"]), ckpt.directory)
+    if changes:
+      meta.setdefault("resume_overrides", []).append(
+          {"step": int(s.state["step"]), "changes": changes,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    meta["config"] = current
   start_step = int(s.state["step"])
+  prior_elapsed = float(meta.get("elapsed_s") or 0.0)
+  metric = s.method.eval_metric
 
   train_step = make_train_step(s)
   eval_data = None
@@ -421,6 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_step = make_eval_step(s)
   data = s.train_data.resident
 
+  writer = MetricWriter(workdir, resume_step=start_step)
   progress = None
   if config.progress_bar and jax.process_index() == 0:
     from tqdm.auto import tqdm
@@ -433,6 +548,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # at the epoch's end, the eval result): [epoch, train_s, eval_s, checkpoint_s].
   epoch_times: list[list[float]] = []
   t_epoch = time.time()
+
+  def save(step: int) -> None:
+    meta["elapsed_s"] = round(prior_elapsed + time.time() - t_start, 3)
+    ckpt.save(step, s.state, meta)
+
   try:
     for step in range(start_step, s.total_steps):
       if data is None:
@@ -467,68 +587,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if eval_data is not None and (epoch % config.eval_every_epochs == 0
                                       or done == s.total_steps):
           result = evaluate(s, eval_step, s.state, eval_data)
-          meta["last_top1"] = result["top1"]
-          if meta["best_top1"] is None or result["top1"] > meta["best_top1"]:
-            meta["best_top1"], meta["best_epoch"] = result["top1"], epoch
-          meta["history"].append([epoch, result["top1"]])
-          writer.write(done, {"test_top1": result["top1"], "best_top1": meta["best_top1"],
+          value = result[metric]
+          meta["last_top1"] = value
+          if meta["best_top1"] is None or value > meta["best_top1"]:
+            meta["best_top1"], meta["best_epoch"] = value, epoch
+          meta["history"].append([epoch, value])
+          writer.write(done, {f"test_{metric}": value, f"best_{metric}": meta["best_top1"],
                               "epoch": epoch})
-          logging.info("epoch %d: test top-1 %.2f%% (best %.2f%% at epoch %d)", epoch,
-                       result["top1"], meta["best_top1"], meta["best_epoch"])
+          logging.info("epoch %d: test %s %.2f (best %.2f at epoch %d)", epoch, metric, value,
+                       meta["best_top1"], meta["best_epoch"])
         t_save = time.time()
         times[2] = t_save - t_eval
         if epoch % config.checkpoint_every_epochs == 0 or done == s.total_steps:
-          ckpt.save(done, s.state, meta)
+          save(done)
           last_good_step = done
         t_epoch = time.time()
         times[3] = t_epoch - t_save
         epoch_times.append(times)
       if stop_now:
         if last_good_step != done:
-          ckpt.save(done, s.state, meta)
+          save(done)
         logging.info("stopping at step %d as asked (config.stop_after_steps)", done)
         break
+    ckpt.wait()  # a failed write (e.g. a full disk) is reported here, not after the summary
   finally:
     s.train_data.close()
-    ckpt.close()
     writer.close()
     if progress is not None:
       progress.close()
 
   finished = int(s.state["step"]) >= s.total_steps
-  summary = dict(
-      task=config.data.task, method=config.method,
-      tuning=config.models.student.tuning.mode, seed=config.seed,
+  summary = s.method.describe()
+  summary.update(
+      method=config.method, seed=config.seed, metric=metric,
       best_top1=meta["best_top1"], best_epoch=meta["best_epoch"], last_top1=meta["last_top1"],
       trainable_params=sum(c[0] for c in s.counts.values()),
       total_params=sum(c[1] for c in s.counts.values()),
-      epochs=s.total_epochs, wall_time_s=round(time.time() - t_start, 2),
-      workdir=os.path.abspath(workdir), finished=finished, counts=s.counts,
-      setup_s=round(setup_s, 3), epoch_times=epoch_times)
-  if finished:
-    if jax.process_index() == 0:
-      summary.update(s.method.finalize(
-          jax.device_get(tr.combine(s.state["trainable"], s.frozen)), workdir))
+      epochs=s.total_epochs, wall_time_s=round(prior_elapsed + time.time() - t_start, 2),
+      workdir=os.path.abspath(workdir), finished=finished, step=int(s.state["step"]),
+      counts=s.counts, setup_s=round(setup_s, 3), epoch_times=epoch_times,
+      resume_overrides=meta.get("resume_overrides") or [])
+  if finished and jax.process_index() == 0:
+    summary.update(s.method.finalize(
+        jax.device_get(tr.combine(s.state["trainable"], s.frozen)), workdir))
     append_result(os.path.join(workdir, "results.csv"), summary)
+    with atomic_write(os.path.join(workdir, SUMMARY_FILE)) as tmp:
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, default=str)
   return summary
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``mode=eval``: restores a checkpoint (latest, or ``config.eval.step``) and evaluates it."""
-  s = setup(config, workdir)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                      create=False) if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
-  if ckpt is None or ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint to evaluate in {os.path.join(workdir, 'checkpoints')}")
-  try:
-    state, meta = _restore_or_init(s, ckpt, config.eval.step)
-  finally:
-    ckpt.close()
-  result = evaluate(s, make_eval_step(s), state, s.get_eval_data(workdir))
-  result.update(step=int(state["step"]), reported_last_top1=meta.get("last_top1"),
+  config_lib.validate(config)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointNotFoundError(f"no checkpoint to evaluate: {ckpt_dir} does not exist; "
+                                  "train first, or check --workdir")
+  with workdir_lock(workdir):
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints, create=False)
+    try:
+      if ckpt.latest_step() is None:
+        raise CheckpointNotFoundError(f"no checkpoint to evaluate in {ckpt_dir}")
+      if jax.process_index() == 0:
+        wd.write_config_record(config, workdir, fresh=False)
+      s = setup(config, workdir)
+      state, meta = _restore(s, ckpt, config.eval.step)
+    finally:
+      ckpt.close()
+    metric = s.method.eval_metric
+    result = evaluate(s, make_eval_step(s), state, s.get_eval_data(workdir))
+  result.update(step=int(state["step"]), metric=metric,
+                reported_last_top1=meta.get("last_top1"),
                 reported_best_top1=meta.get("best_top1"))
-  logging.info("evaluated step %d: top-1 %.2f%% (the run reported %s)", result["step"],
-               result["top1"], meta.get("last_top1"))
+  logging.info("evaluated step %d: %s %.2f (the run reported %s)", result["step"], metric,
+               result[metric], meta.get("last_top1"))
   return result
 
 
@@ -538,7 +671,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   s = setup(config, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
   try:
-    state, _ = _restore_or_init(s, ckpt, step)
+    state, _ = _restore(s, ckpt, step)
   finally:
     ckpt.close()
   return jax.device_get(tr.combine(state["trainable"], s.frozen))

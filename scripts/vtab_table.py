@@ -37,13 +37,21 @@ def read_sweep(root: str, metric: str) -> tuple[dict[str, float], dict[str, int]
   files = sorted(glob.glob(os.path.join(root, "**", "results.csv"), recursive=True))
   if not files:
     raise FileNotFoundError(f"no results.csv under {root}")
+  latest: dict[str, tuple[str, dict[str, str]]] = {}
   for path in files:
     with open(path, newline="", encoding="utf-8") as f:
       for row in csv.DictReader(f):
         if row.get(metric) in (None, ""):
           raise ValueError(f"{path}: column {metric!r} is empty or missing")
-        values[row["task"]].append(float(row[metric]))
-        params.append(float(row["trainable_params"]))
+        # One run is one seed: a work dir listed twice (a finished command run again by an
+        # older version) counts once, with its last row.
+        run = os.path.abspath(row.get("workdir") or os.path.dirname(path))
+        if run in latest:
+          print(f"note: {run} has more than one result row; counting its last one")
+        latest[run] = (path, row)
+  for _, row in latest.values():
+    values[row["task"]].append(float(row[metric]))
+    params.append(float(row["trainable_params"]))
   means = {t: float(np.mean(v)) for t, v in values.items()}
   counts = {t: len(v) for t, v in values.items()}
   return means, counts, float(np.mean(params)) / 1e6 if params else float("nan")

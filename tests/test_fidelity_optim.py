@@ -272,8 +272,6 @@ def test_optimizer_applies_reference_lr_under_accumulation():
   np.testing.assert_allclose(applied, ref, rtol=2e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="train.setup does not pass micro_batches_per_epoch to "
-                   "make_schedule yet (issue 11.3); remove this marker when it does")
 def test_setup_schedule_follows_the_reference_under_accumulation(tmp_path):
   """The trainer's own schedule: 500 digits at batch 50 = 10 micro-batches, accumulation 3."""
   from idat_jax import config_lib

@@ -8,82 +8,150 @@ distillation trainer does for its teachers. Restores always go through abstract
 
 from __future__ import annotations
 
+import copy
+import errno
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Sharding
 
-
-def _item_handlers() -> dict[str, Any]:
-  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+from idat_jax.checkpoints.orbax_run import item_handlers, read_run_checkpoint  # noqa: F401
+from idat_jax.errors import CheckpointError, CheckpointNotFoundError
 
 
 def abstract_like(tree: Any, sharding: Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _no_space(error: BaseException) -> bool:
+  """Whether ``error`` (or what caused it, through Orbax's wrappers) is a full disk."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Checkpointer:
-  """Thin wrapper over ``ocp.CheckpointManager`` with items ``state`` and ``meta``."""
+  """Thin wrapper over ``ocp.CheckpointManager`` with items ``state`` and ``meta``.
+
+  Saves are asynchronous; a failed write (e.g. a full disk) surfaces at the next save, wait or
+  close as a :class:`CheckpointError` naming the step and directory.
+  """
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, create: bool = True):
+    if max_to_keep < 1:
+      raise CheckpointError(f"max_to_keep={max_to_keep}: at least one checkpoint must be kept "
+                            f"in {directory}")
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+    # The directory is made at the first save, not here: a run that fails its checks leaves
+    # no empty checkpoints/ behind.
+    self._create = create
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
                                            enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=_item_handlers())
+                                          item_handlers=item_handlers())
+    self._pending: int | None = None  # step of the save in flight
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
+
+  def _translate(self, error: BaseException, step: int | None) -> BaseException:
+    if _no_space(error):
+      return CheckpointError(f"no space left on device while writing checkpoint step {step} "
+                             f"to {self.directory}; free space (or point --workdir elsewhere) "
+                             "and run the same command again to resume from the last "
+                             "complete checkpoint")
+    return error
+
+  def _guard(self, fn: Callable[[], Any], step: int | None) -> Any:
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001  (re-raised, translated where we know the cause)
+      translated = self._translate(e, step)
+      if translated is e:
+        raise
+      raise translated from e
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    # A deep copy: the save is asynchronous and the caller keeps mutating its meta.
+    meta = copy.deepcopy(meta)
+    self._guard(self._manager.wait_until_finished, self._pending)
+    self._pending = step
+    if self._create and "://" not in self.directory:
+      self._guard(lambda: os.makedirs(self.directory, exist_ok=True), step)
+    self._guard(lambda: self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))), step)
 
-  def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON meta of a step (latest by default) without restoring any array."""
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-    if step not in self._manager.all_steps():
-      raise FileNotFoundError(
-          f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+      raise CheckpointNotFoundError(f"no checkpoint found in {self.directory}")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} has unreadable "
+                            f"metadata ({_first_line(e)})") from e
+    return dict(restored["meta"] or {})
+
+  def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores ``step``; with ``step=None`` the newest step that restores.
+
+    A latest step that fails (a corrupt file, unreadable metadata) is logged and the next
+    older one is tried; if none restores, the error lists every step and why it failed.
+    """
+    available = self.all_steps()
+    if not available:
+      raise CheckpointNotFoundError(f"no checkpoint found in {self.directory}")
+    if step is not None and step not in available:
+      raise CheckpointNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                                    f"available: {available}")
+    candidates = [step] if step is not None else sorted(available, reverse=True)
+    failures = []
+    for candidate in candidates:
+      try:
+        restored = self._manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001  (each failure is reported below)
+        failures.append(f"step {candidate}: {_first_line(e)}")
+        logging.warning("checkpoint step %d in %s does not restore: %s", candidate,
+                        self.directory, _first_line(e, 1000))
+        continue
+      if failures:
+        logging.warning("restored step %d instead of the newer step(s) that failed (%s)",
+                        candidate, "; ".join(failures))
+      return restored["state"], dict(restored["meta"] or {})
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} restores into this run's model ("
+        + "; ".join(failures) + "). A changed model (num_classes, adapter_dim, tuning mode) "
+        "needs a new --workdir; a corrupt step can be deleted to resume from an older one")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    self._guard(self._manager.wait_until_finished, self._pending)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
-
-
-def read_run_checkpoint(directory: str,
-                        step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(train state as NumPy arrays, JSON meta) of any run, without knowing its config.
-
-  Used to read another run's weights (e.g. a distilled student for linear probing): the
-  target structure comes from the checkpoint's own metadata, restored onto one local device.
-  """
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoint directory {directory}")
-  manager = ocp.CheckpointManager(directory, item_handlers=_item_handlers())
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint (step {step}) in {directory}; available: "
-                              f"{list(manager.all_steps())}")
-    metadata = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return jax.device_get(restored["state"]), dict(restored["meta"] or {})
-  finally:
-    manager.close()
+    """Waits for the save in flight and stops Orbax's threads (safe to call twice)."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._guard(self._manager.wait_until_finished, self._pending)
+    finally:
+      self._manager.close()

@@ -119,10 +119,11 @@ def build_train(config: ml_collections.ConfigDict, mesh: Mesh, workdir: str) -> 
   return TrainData(len(source), source.num_classes, resident=resident)
 
 
-def build_eval(config: ml_collections.ConfigDict, mesh: Mesh,
-               workdir: str) -> pipeline.EvalIterator:
+def build_eval(config: ml_collections.ConfigDict, mesh: Mesh, workdir: str,
+               source: Source | None = None) -> pipeline.EvalIterator:
+  """The eval split's batches (``source``: the split if the caller already opened it)."""
   d = config.data
-  source = build_source(config, d.eval_split)
+  source = source if source is not None else build_source(config, d.eval_split)
   return pipeline.EvalIterator(source, d.image_size, config.eval_batch_size, mesh,
                                resident_budget_bytes=int(d.eval_resident_mb) << 20,
                                cache_dir=cache_dir(config, workdir))

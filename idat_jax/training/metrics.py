@@ -21,17 +21,27 @@ def _plain(value: Any) -> Any:
 class MetricWriter:
   """``metrics.jsonl`` (one JSON object per write) + TensorBoard (tensorboardX, no TF)."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0):
+    """``resume_step``: the step the run (re)starts from. Rows logged after it by an earlier,
+    interrupted segment are dropped (the resumed run logs those steps again, identically),
+    so every step appears once; TensorBoard purges them the same way."""
     self.active = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    dropped = drop_rows_after(path, resume_step)
+    if dropped:
+      logging.getLogger(__name__).info(
+          "dropped %d rows of %s logged after step %d (the run resumes from there)", dropped,
+          path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.active:
@@ -53,8 +63,42 @@ class MetricWriter:
       self._tb = None
 
 
-RESULT_FIELDS = ("task", "method", "tuning", "seed", "best_top1", "best_epoch", "last_top1",
-                 "trainable_params", "total_params", "epochs", "wall_time_s", "workdir")
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites a ``metrics.jsonl`` without its rows past ``step`` (atomically); their count.
+
+  A torn last line (a kill mid-write) is dropped too.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        dropped += 1
+        continue
+      if int(row.get("step", 0)) > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
+
+
+# 'details': the method's own description of the run (Method.describe) beyond the task and
+# tuning mode, as JSON (e.g. the probed backbone, or the distillation data).
+RESULT_FIELDS = ("task", "method", "tuning", "seed", "metric", "best_top1", "best_epoch",
+                 "last_top1", "trainable_params", "total_params", "epochs", "wall_time_s",
+                 "workdir", "details")
+_SUMMARY_ONLY = ("method", "seed", "metric", "best_top1", "best_epoch", "last_top1",
+                 "trainable_params", "total_params", "epochs", "wall_time_s", "workdir",
+                 "finished", "step", "counts", "setup_s", "epoch_times", "resume_overrides",
+                 "task", "tuning", "already_finished")
 
 
 def append_result(path: str, row: Mapping[str, Any]) -> None:
@@ -62,12 +106,20 @@ def append_result(path: str, row: Mapping[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   new = not os.path.exists(path)
+  fields = RESULT_FIELDS
+  if not new:  # a file an older version started keeps its columns
+    with open(path, newline="", encoding="utf-8") as f:
+      fields = tuple(next(csv.reader(f), None) or RESULT_FIELDS)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="raise")
+    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
     if new:
       writer.writeheader()
-    writer.writerow({k: _plain(row.get(k, "")) for k in RESULT_FIELDS})
+    out = {k: _plain(row.get(k, "")) for k in RESULT_FIELDS if k != "details"}
+    details = {k: _plain(v) for k, v in row.items() if k not in _SUMMARY_ONLY
+               and isinstance(v, (str, int, float, bool, type(None)))}
+    out["details"] = json.dumps(details, sort_keys=True) if details else ""
+    writer.writerow(out)
 
 
 class _DropLibraryInfo(logging.Filter):
