@@ -8,6 +8,10 @@
    teacher, gist_seq adapters + heads only) next to adapter-tuning of the student alone.
 3. Evaluates the iDAT student again from its Orbax checkpoint (``mode=eval``) and prints the
    comparison table.
+4. WeCoLoRA: distils an r=2 student (blocks 0 and 2 of the larger ViT, LoRA) from the larger
+   ViT on the ~200 unlabelled digits 0-4 test images, then linearly probes the teacher, the
+   copied student and the distilled student few-shot on digits 0-4 (10% of its training images
+   train the probe, the other 90% test it).
 """
 
 from __future__ import annotations
@@ -46,9 +50,17 @@ def model_block(arch: str, checkpoint: str, mode: str) -> ml_collections.ConfigD
   return m
 
 
+# WeCoLoRA stage: reduction, LoRA rank, distillation epochs, the probes' labelled fraction.
+WECO = dict(reduction=2, rank=8, epochs=30, probe_fraction=0.1, probe_epochs=100)
+PROBES = ("probe_teacher", "probe_copied", "probe_distilled")
+
+
 def demo_config(stage: str, data_root: str, *, seed: int = 0, epochs: int = 0,
-                pretrained: dict[str, str] | None = None) -> ml_collections.ConfigDict:
-  """Config of one demo stage: pretrain_small | pretrain_large | idat | adapter."""
+                pretrained: dict[str, str] | None = None,
+                student_run: str = "") -> ml_collections.ConfigDict:
+  """Config of one demo stage: pretrain_small | pretrain_large | idat | adapter |
+  weco_distill | probe_teacher | probe_copied | probe_distilled (``student_run``: the
+  distillation's work dir)."""
   c = config_lib.base_config()
   c.seed = seed
   c.data.backend = "folder"
@@ -76,6 +88,39 @@ def demo_config(stage: str, data_root: str, *, seed: int = 0, epochs: int = 0,
     c.method = "idat" if stage == "idat" else "supervised"
     c.optim.update(dict(lr=1e-2, weight_decay=5e-5, epochs=epochs or 30, warmup_epochs=3))
     c.eval_every_epochs = 1
+  elif stage == "weco_distill":
+    # The few-shot distillation: digits 0-4 play ImageNet's part. The student sees their test
+    # split's images (about 200, no labels, RandomResizedCrop + flip), which the probes below
+    # never use.
+    c.method = "wecolora"
+    c.data.task = "digits_0to4"
+    c.data.train_split = "test"
+    c.data.augment = True
+    c.wecolora.reduction = WECO["reduction"]
+    c.models.teacher = model_block("large", (pretrained or {}).get("large", ""), "full")
+    c.models.student = model_block("large", "", "lora")
+    c.models.student.tuning.lora_rank = WECO["rank"]
+    c.batch_size = 20
+    c.optim.update(dict(b2=0.95, lr=4e-3, weight_decay=0.05, schedule="half_cycle_cosine",
+                        epochs=epochs or WECO["epochs"], warmup_epochs=1, min_lr=0.0))
+    c.eval_every_epochs = 0
+  elif stage in PROBES:
+    c.method = "linear_probe"
+    # Probed on the distillation's domain, as the paper's ImageNet column, few-shot: a
+    # stratified 10% of the digits 0-4 training images train the probe, the other 90% test it.
+    c.data.task = "digits_0to4"
+    c.data.stratified_split = WECO["probe_fraction"]
+    c.models.teacher = model_block("large", (pretrained or {}).get("large", ""), "full")
+    c.probe.reduction = 1 if stage == "probe_teacher" else WECO["reduction"]
+    c.probe.student_run = student_run if stage == "probe_distilled" else ""
+    if stage == "probe_distilled" and not student_run:
+      raise ValueError("demo stage probe_distilled needs student_run (the distillation run)")
+    probe_epochs = epochs or WECO["probe_epochs"]
+    c.optim.update(dict(name="lars", lr=20.0, weight_decay=0.0, momentum=0.9,
+                        trust_coefficient=0.001, schedule="half_cycle_cosine",
+                        epochs=probe_epochs, warmup_epochs=5, min_lr=0.0))
+    c.eval_every_epochs = probe_epochs
+    c.log_every_steps = 200
   else:
     raise ValueError(f"unknown demo stage {stage!r}")
   c.lock()
@@ -115,6 +160,14 @@ def run_demo(workdir: str, *, seed: int = 0, epochs: int = 0) -> dict[str, dict]
     config.mode = "eval"
   results["idat_eval"] = train.evaluate_checkpoint(config, os.path.join(workdir, "idat"))
 
+  distill_dir = os.path.join(workdir, "weco_distill")
+  results["weco_distill"] = train.train_and_evaluate(
+      demo_config("weco_distill", data_root, seed=seed, pretrained=pretrained), distill_dir)
+  for stage in PROBES:
+    config = demo_config(stage, data_root, seed=seed, pretrained=pretrained,
+                         student_run=distill_dir)
+    results[stage] = train.train_and_evaluate(config, os.path.join(workdir, stage))
+
   table = format_table(results)
   print(table)
   with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
@@ -139,6 +192,21 @@ def format_table(results: dict[str, dict]) -> str:
   e = results["idat_eval"]
   rows.append(f"\niDAT student re-evaluated from its Orbax checkpoint (step {e['step']}): "
               f"top-1 {e['top1']:.2f}% (run reported {pct(e['reported_last_top1'])}%)")
+  if all(stage in results for stage in ("weco_distill",) + PROBES):
+    d = results["weco_distill"]
+    blocks = len(range(0, ARCH["large"]["depth"], WECO["reduction"]))
+    rows += ["", f"WeCoLoRA: r={WECO['reduction']} student ({blocks} of "
+             f"{ARCH['large']['depth']} blocks of the larger ViT, LoRA rank {WECO['rank']}, "
+             f"{d['counts']['student'][0]:,} trainable) distilled on "
+             f"{d.get('train_images', '?')} unlabelled digits 0-4 test images; linear probes "
+             f"trained on {WECO['probe_fraction']:.0%} of the digits 0-4 training images, "
+             "tested on the rest (images the teacher was pretrained on, with labels):", "",
+             "| probed backbone | blocks | best top-1 | last top-1 |", "|---|---|---|---|"]
+    for stage, label, n in (("probe_teacher", "teacher (larger ViT)", ARCH["large"]["depth"]),
+                            ("probe_copied", "copied student, not distilled", blocks),
+                            ("probe_distilled", "WeCoLoRA student (distilled)", blocks)):
+      r = results[stage]
+      rows.append(f"| {label} | {n} | {pct(r['best_top1'])} | {pct(r['last_top1'])} |")
   return "\n".join(rows)
 
 

@@ -235,3 +235,22 @@ def test_linprobe_few_shot_and_no_augment():
 def test_distill_config_alpha_and_root():
   c = _config_module("wecolora_distill").get_config("ratio=0.1,root=/d/imagenet/train")
   assert (c.data.few_shot_ratio, c.data.root) == (0.1, "/d/imagenet/train")
+
+
+def test_demo_wecolora_stages():
+  from idat_jax import demo
+  c = demo.demo_config("weco_distill", "/d", pretrained={"large": "/p/large.npz"})
+  assert (c.method, c.data.task, c.data.train_split, c.data.augment) == \
+      ("wecolora", "digits_0to4", "test", True)
+  assert c.models.teacher.checkpoint == "/p/large.npz" and c.wecolora.reduction == 2
+  assert build_method(c).student_blocks == 2  # blocks 0 and 2 of the 4-block ViT
+  probes = {s: demo.demo_config(s, "/d", pretrained={"large": "/p/large.npz"},
+                                student_run="/runs/weco") for s in demo.PROBES}
+  assert [(p.probe.reduction, p.probe.student_run) for p in probes.values()] == \
+      [(1, ""), (2, ""), (2, "/runs/weco")]
+  assert all(p.data.stratified_split == 0.1 and p.data.task == "digits_0to4"
+             for p in probes.values())
+  assert [build_method(p).describe()["backbone"] for p in probes.values()] == \
+      ["teacher", "copied", "distilled"]
+  with pytest.raises(ValueError, match="needs student_run"):
+    demo.demo_config("probe_distilled", "/d")
