@@ -209,5 +209,8 @@ def test_multilabel_probe_through_the_cli(tmp_path, augment):
   # Random-weight backbone on brightness-coded images: a real AUROC, not a constant 50.
   assert 0.0 <= last <= 100.0 and last != 50.0
   assert row.get("backbone") == "teacher"
+  # The eval split went through the probe's CXR transform: its decode-cache entry says so.
+  cache = os.path.join(str(tmp_path), "cache", "chestxray14", "cxr")
+  assert any(name.startswith("test_cxr_32px") for name in os.listdir(cache)), os.listdir(cache)
   assert row.get("train_features") == ("streamed" if augment else "cached")
   print(f"\n[cxr-cli] augment={augment}: mean AUROC {last:.2f} over {len(LABELS)} labels")
