@@ -618,9 +618,12 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
 
   finished = int(s.state["step"]) >= s.total_steps
   summary = s.method.describe()
+  # meta keeps the primary metric under best_top1/last_top1 (their historical names); the
+  # summary names it: best/last with 'metric', and best_<metric>/last_<metric>.
+  best, last = meta["best_top1"], meta["last_top1"]
   summary.update(
-      method=config.method, seed=config.seed, metric=metric,
-      best_top1=meta["best_top1"], best_epoch=meta["best_epoch"], last_top1=meta["last_top1"],
+      method=config.method, seed=config.seed, metric=metric, best=best, last=last,
+      best_epoch=meta["best_epoch"], **{f"best_{metric}": best, f"last_{metric}": last},
       trainable_params=sum(c[0] for c in s.counts.values()),
       total_params=sum(c[1] for c in s.counts.values()),
       epochs=s.total_epochs, wall_time_s=round(prior_elapsed + time.time() - t_start, 2),

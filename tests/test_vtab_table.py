@@ -58,3 +58,16 @@ def test_last_metric_and_missing_sweep(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "vtab_table.py"),
                          str(tmp_path / "nothing")], capture_output=True, text=True)
   assert proc.returncode != 0 and "no results.csv" in proc.stderr
+
+
+def test_a_work_dir_listed_twice_counts_once(tmp_path):
+  # An older version appended a second row when a finished command was run again.
+  path = os.path.join(tmp_path, "s", "dtd", "seed42", "results.csv")
+  for value in (60.0, 61.0):
+    append_result(path, dict(task="dtd", method="idat", seed=42, best_top1=value,
+                             last_top1=value, trainable_params=10, workdir="/runs/dtd/seed42"))
+  append_result(os.path.join(tmp_path, "s", "dtd", "seed43", "results.csv"),
+                dict(task="dtd", method="idat", seed=43, best_top1=50.0, last_top1=50.0,
+                     trainable_params=10, workdir="/runs/dtd/seed43"))
+  means, counts, _ = vtab_table.read_sweep(str(tmp_path / "s"), "best_top1")
+  assert counts == {"dtd": 2} and means == {"dtd": 55.5}

@@ -92,10 +92,13 @@ def drop_rows_after(path: str, step: int) -> int:
 
 # 'details': the method's own description of the run (Method.describe) beyond the task and
 # tuning mode, as JSON (e.g. the probed backbone, or the distillation data).
-RESULT_FIELDS = ("task", "method", "tuning", "seed", "metric", "best_top1", "best_epoch",
-                 "last_top1", "trainable_params", "total_params", "epochs", "wall_time_s",
-                 "workdir", "details")
-_SUMMARY_ONLY = ("method", "seed", "metric", "best_top1", "best_epoch", "last_top1",
+# 'best'/'last' hold the method's evaluation metric named in 'metric' (top-1 %, or mean AUROC
+# % of a multi-label probe); best_top1/last_top1 are filled for top-1 runs only.
+RESULT_FIELDS = ("task", "method", "tuning", "seed", "metric", "best", "last", "best_epoch",
+                 "best_top1", "last_top1", "trainable_params", "total_params", "epochs",
+                 "wall_time_s", "workdir", "details")
+_SUMMARY_ONLY = ("method", "seed", "metric", "best", "last", "best_top1", "best_epoch",
+                 "last_top1",
                  "trainable_params", "total_params", "epochs", "wall_time_s", "workdir",
                  "finished", "step", "counts", "setup_s", "epoch_times", "resume_overrides",
                  "task", "tuning", "already_finished")
@@ -116,7 +119,9 @@ def append_result(path: str, row: Mapping[str, Any]) -> None:
     if new:
       writer.writeheader()
     out = {k: _plain(row.get(k, "")) for k in RESULT_FIELDS if k != "details"}
+    metric = row.get("metric", "top1")
     details = {k: _plain(v) for k, v in row.items() if k not in _SUMMARY_ONLY
+               and k not in (f"best_{metric}", f"last_{metric}")
                and isinstance(v, (str, int, float, bool, type(None)))}
     out["details"] = json.dumps(details, sort_keys=True) if details else ""
     writer.writerow(out)
