@@ -31,7 +31,7 @@ from absl import logging
 from idat_jax import checkpoints as ckpt_io
 from idat_jax import config_lib
 from idat_jax import sharding as shd
-from idat_jax.data import pipeline
+from idat_jax.data import pipeline, vtab
 from idat_jax.methods import Method, build_method
 from idat_jax.models import dummy_images
 from idat_jax.tree_util import flatten, unflatten
@@ -509,6 +509,7 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
     return dict(stored, already_finished=True)
   if jax.process_index() == 0:
     wd.write_config_record(config, workdir, fresh=ckpt.latest_step() is None)
+  logging.info("%s", vtab.describe_recipe(config))
 
   s = setup(config, workdir)
   setup_s = time.time() - t_start
