@@ -23,6 +23,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from idat_jax.data import preprocess
 from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, stat_files
@@ -144,6 +145,9 @@ class MultiLabelCsvSource(MultiLabelSource):
                       f"({len(missing)} missing, e.g. {missing[:1]})")
     self.skipped = {"missing_image": len(missing)}
     self.missing_examples = missing[:5]
+    if missing:
+      logging.warning("%s: %d row(s) name a missing image (e.g. %s); they are left out",
+                      csv_path, len(missing), missing[:3])
     super().__init__(paths, np.asarray(hots, np.float32).reshape(len(paths), len(names)), names,
                      name=f"multilabel_csv:{csv_path}",
                      cache_key=("multilabel_csv", os.path.basename(os.path.normpath(root)),
