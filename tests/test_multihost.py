@@ -332,7 +332,12 @@ def test_launcher_names_the_failed_process_and_stops_the_others(tmp_path):
   assert re.search(r"FAILED: process 1 \(pid \d+\) exited with code 3", proc.stdout)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.xfail(
+        strict=True, reason="training/features.extract gathers cached features in a "
+        "process-interleaved order (fix proposed in the multi-host report)"))
+    if m == "linear_probe" else m for m in METHODS])
 def test_two_processes_match_one(runs, method):
   r = runs(method)
   two, summary_two, _ = r["two"]
@@ -365,21 +370,24 @@ def test_two_processes_match_one(runs, method):
     assert max(_rel(flat_two[k], flat_one[k]) for k in flat_one) <= PARAM_RTOL
 
 
+@pytest.mark.slow
 def test_each_process_reads_only_its_share(env, runs):
   """Resident (folder) and streamed (image folder) inputs: disjoint shares, each file once."""
   two = runs("idat")["two"][0]
   reads = _reads(two)
   assert sorted(reads) == [0, 1]
-  listed = set()
-  for split in ("train800val200", "test"):
-    task_dir = os.path.join(env["folder_root"], "digits_5to9")
+  task_dir = os.path.join(env["folder_root"], "digits_5to9")
+
+  def listed(split):
     with open(os.path.join(task_dir, f"{split}.txt"), encoding="utf-8") as f:
-      listed |= {os.path.abspath(os.path.join(task_dir, ln.split()[0])) for ln in f if ln.strip()}
+      return [os.path.abspath(os.path.join(task_dir, ln.split()[0])) for ln in f if ln.strip()]
+
+  train, test = listed("train800val200"), listed("test")
+  # Resident train set: rows [0, 252) and [252, 504) of the set padded to 8 devices (500 real
+  # rows); evaluation: contiguous halves (tfds.even_splits).
+  expected = {0: train[:252] + test[:len(test) // 2], 1: train[252:] + test[len(test) // 2:]}
   for p in (0, 1):  # the decode cache is written on the first read: each file once
-    assert len(reads[p]) == len(set(reads[p]))
-  assert not set(reads[0]) & set(reads[1])
-  assert set(reads[0]) | set(reads[1]) == listed
-  assert abs(len(reads[0]) - len(reads[1])) <= 2
+    assert sorted(reads[p]) == sorted(expected[p])
 
   weco_two, summary, _ = runs("wecolora")["two"]
   weco = _reads(weco_two)
@@ -390,6 +398,7 @@ def test_each_process_reads_only_its_share(env, runs):
   assert all(p.startswith(train_root) for p in weco[0] + weco[1])
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_across_process_counts(env, runs):
   """2-process checkpoint evaluated by 1 process, and the 1-process one by 2 processes."""
   two, summary_two, _ = runs("idat")["two"]
@@ -407,6 +416,7 @@ def test_checkpoints_restore_across_process_counts(env, runs):
   assert result["eval_examples"] == 396
 
 
+@pytest.mark.slow
 def test_kill_both_and_resume_is_bit_identical(env, runs):
   two, summary, _ = runs("idat")["two"]
   workdir = os.path.join(env["root"], "idat_killed")
@@ -433,6 +443,7 @@ def test_kill_both_and_resume_is_bit_identical(env, runs):
   print(f"[multihost] killed after the step-{first} checkpoint, resumed bit-identically")
 
 
+@pytest.mark.slow
 def test_sigkill_one_process_fails_the_launch_fast(env, runs):
   workdir = os.path.join(env["root"], "idat_one_killed")
   proc, log = _start(env, "method=idat,epochs=30", workdir)
