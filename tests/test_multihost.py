@@ -472,6 +472,21 @@ def test_sigkill_one_process_fails_the_launch_fast(env, runs):
   assert result["top1"] == result["reported_last_top1"]
 
 
+@pytest.mark.parametrize("count", [0, 1, 7, 10])
+def test_tfds_label_scan_is_split_over_processes(count):
+  """Each of 3 processes reads its contiguous share once; the gathered result is in order."""
+  from idat_jax.data.tfds_backend import assemble_shares, scan_share
+  reads = []
+
+  def read(i):
+    reads.append(i)
+    return 100 + i
+
+  shares = np.stack([scan_share(count, read, p, 3) for p in range(3)])
+  assert sorted(reads) == list(range(count))  # every record once, over all processes
+  np.testing.assert_array_equal(assemble_shares(shares, count), 100 + np.arange(count))
+
+
 def test_launch_local_script_usage():
   proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "launch_local.sh")],
                         capture_output=True, text=True, timeout=30)

@@ -14,7 +14,7 @@ import importlib.util
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -22,7 +22,7 @@ from absl import logging
 from PIL import Image
 
 from idat_jax.data import vtab
-from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source
+from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, process_range
 from idat_jax.data.image_folder import DEFAULT_FEW_SHOT_SEED, few_shot_select
 
 
@@ -130,6 +130,40 @@ def open_data_source(name: str, versions: Sequence[str], split: str, data_dir: s
       f"{', '.join(versions)}): " + "; ".join(errors))
 
 
+def scan_share(count: int, read: Callable[[int], int], process_index: int,
+               process_count: int) -> np.ndarray:
+  """This process's share (``process_range``) of ``read(i)``, padded to the largest share."""
+  start, stop = process_range(count, process_index, process_count)
+  out = np.zeros((-(-count // process_count),), np.int32)
+  for j, i in enumerate(range(start, stop)):
+    out[j] = read(i)
+  return out
+
+
+def assemble_shares(shares: np.ndarray, count: int) -> np.ndarray:
+  """[process_count, width] padded shares (process order) -> the ``count`` values in order."""
+  process_count = shares.shape[0]
+  return np.concatenate([shares[p, :stop - start] for p, (start, stop) in
+                         enumerate(process_range(count, p, process_count)
+                                   for p in range(process_count))]).astype(np.int32)
+
+
+def shared_scan(count: int, read: Callable[[int], int]) -> np.ndarray:
+  """``[read(i) for i in range(count)]`` as int32; with several JAX processes each reads only
+  its share and the shares are gathered.
+
+  Label scans (few-shot selection, stratified splits) read every record of a split (image
+  bytes are fetched even when their decoding is skipped): on ImageNet's 1.28M records a
+  multi-host run would otherwise read the whole split on every host.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return scan_share(count, read, 0, 1)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  local = scan_share(count, read, jax.process_index(), jax.process_count())
+  return assemble_shares(np.asarray(multihost_utils.process_allgather(local)), count)
+
+
 class _WithoutImages:
   """The examples of a data source with image features left encoded (fast label scans).
 
@@ -206,7 +240,7 @@ class TfdsTaskSource(Source):
   def labels(self) -> np.ndarray:
     """Labels without decoding images when the format allows it (array_record + SkipDecoding)."""
     examples = _WithoutImages(self._ds)
-    return np.asarray([self._label(examples[i], i) for i in range(len(examples))], np.int32)
+    return shared_scan(len(examples), lambda i: self._label(examples[i], i))
 
   def cache_parts(self) -> tuple[str, ...]:
     return ("tfds", self.task, self.split)
@@ -247,8 +281,7 @@ class TfdsImageSource(Source):
 
   def _all_labels(self) -> np.ndarray:
     examples = _WithoutImages(self._ds)
-    return np.asarray([int(examples[i][self.label_key]) for i in range(len(examples))],
-                      np.int32)
+    return shared_scan(len(examples), lambda i: int(examples[i][self.label_key]))
 
   def __len__(self) -> int:
     return int(self.indices.shape[0])
