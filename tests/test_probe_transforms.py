@@ -124,7 +124,8 @@ def test_resisc45_eval_is_torch_bilinear_tensor_resize(photos):
     want = torch.nn.functional.interpolate(tensor, size=(224, 224), mode="bilinear",
                                            align_corners=False)[0].permute(1, 2, 0).numpy()
     got = pt.resisc45_eval(square, 224)
-    assert np.abs(got.astype(np.float64) / 255 - want).max() <= 0.51 / 255  # rounding to uint8 (+ float32 noise)
+    # Rounding to uint8 (plus float32 noise in torch's result).
+    assert np.abs(got.astype(np.float64) / 255 - want).max() <= 0.51 / 255
     assert _maxdiff(got, np.rint(want * 255)) <= 1
 
 
