@@ -214,3 +214,42 @@ def test_multilabel_probe_through_the_cli(tmp_path, augment):
   assert any(name.startswith("test_cxr_32px") for name in os.listdir(cache)), os.listdir(cache)
   assert row.get("train_features") == ("streamed" if augment else "cached")
   print(f"\n[cxr-cli] augment={augment}: mean AUROC {last:.2f} over {len(LABELS)} labels")
+
+
+def test_streamed_cxr_batches_are_the_reference_train_transform(tmp_path):
+  """The probe's streamed train batches: CXR's flip + ColorJitter of each image, drawn anew
+  every epoch from (seed, epoch, index); the eval split gets the deterministic transform."""
+  from idat_jax import config_lib, sharding as shd
+  from idat_jax.data import preprocess, probe_transforms as pt
+  from idat_jax.methods import build_method
+  root = str(tmp_path / "cxr")
+  write_nih(root, ["Effusion", "Mass", "No Finding", "Hernia"] * 2, ["Mass", "Effusion"],
+            size=40)
+  c = config_lib.base_config()
+  c.method = "linear_probe"
+  c.seed = 3
+  c.data.update(dict(backend="chestxray", root=root, train_split="train", eval_split="test",
+                     image_size=32, normalization="chestxray"))
+  c.probe.transform = "cxr"
+  c.batch_size = 4
+  method = build_method(c)
+  train_data = method.build_train(shd.make_mesh(1), str(tmp_path / "run"))
+  stream = train_data.stream
+  source = ChestXray14Source(root, "train")
+  for epoch in (0, 1):
+    batch = stream.local_batch_arrays(epoch, 0)
+    for row, index in enumerate(stream.local_indices(epoch, 0)):
+      image, label = source.get(int(index))
+      want = pt.cxr_train(image, 32, preprocess.augment_rng(3, epoch, int(index)))
+      np.testing.assert_array_equal(batch["image"][row], want)
+      assert batch["label"][row] == label
+  a = stream.local_batch_arrays(0, 0)
+  order = stream.local_indices(1, 0)
+  same = [j for j, i in enumerate(stream.local_indices(0, 0)) if i in order]
+  # Some image appears in step 0 of both epochs with different random draws, or the orders
+  # differ; either way an epoch is not a copy of the previous one.
+  assert not np.array_equal(a["image"], stream.local_batch_arrays(1, 0)["image"]) or not same
+  eval_source = method.source("test")
+  image, _ = eval_source.get(0)
+  np.testing.assert_array_equal(image, pt.cxr_eval(ChestXray14Source(root, "test").get(0)[0], 32))
+  assert method.label_names == list(LABELS)
