@@ -237,12 +237,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   # a missing test split stops the run before minutes of setup, not after.
   eval_source = None
   if method.eval_model is not None or caches_features:
-    eval_source = inputs.build_source(config, config.data.eval_split)
+    eval_source = method.source(config.data.eval_split)
   if caches_features:
-    train_source = inputs.build_source(config, config.data.train_split)
+    train_source = method.source(config.data.train_split)
     num_examples, num_classes = len(train_source), train_source.num_classes
   else:
-    train_data = inputs.build_train(config, mesh, workdir)
+    train_data = method.build_train(mesh, workdir)
     num_examples, num_classes = train_data.num_examples, train_data.num_classes
   method.train_examples = num_examples
   if config.data.num_classes is None:
@@ -286,7 +286,7 @@ def cache_features(config, mesh, workdir, method: Method, params, train_source,
   normalize = inputs.normalizer(config.data.normalization)
   cache = inputs.cache_dir(config, workdir)
   if eval_source is None:
-    eval_source = inputs.build_source(config, config.data.eval_split)
+    eval_source = method.source(config.data.eval_split)
   data = {}
   for split, source in (("train", train_source), ("eval", eval_source)):
     batches = pipeline.EvalIterator(
