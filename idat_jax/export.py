@@ -89,7 +89,7 @@ def _num_classes(config: ml_collections.ConfigDict, trainable: Mapping[str, Any]
   for name, value in flatten(trainable).items():
     if name.endswith("head/kernel"):
       return int(np.shape(value)[-1])
-  from idat_jax.training import inputs
+  from idat_jax.data import inputs
   return int(inputs.build_source(config, config.data.train_split).num_classes)
 
 
@@ -111,7 +111,7 @@ def trained_models(workdir: str, step: int | None = None, *, peft_only: bool = F
   config = read_run_config(workdir)
   state, meta, restored_step = _read_checkpoint(workdir, step)
   trained = state["trainable"]
-  config.data.num_classes = _num_classes(config, trained)
+  num_classes = _num_classes(config, trained)
   config.num_devices = 1
   facts = dict(step=restored_step, method=config.method, extra=state.get("extra") or {},
                meta=meta)
@@ -119,6 +119,7 @@ def trained_models(workdir: str, step: int | None = None, *, peft_only: bool = F
     return config, {k: jax.tree.map(np.asarray, v) for k, v in trained.items()}, facts
 
   method = build_method(config)
+  method.num_classes = num_classes  # the run's data fact (the config keeps the user's value)
   params, masks, _, _ = train.load_models(method, jax.random.key(config.seed), shd.make_mesh(1))
   expected, frozen = tr.partition(jax.device_get(params), masks)
   want, got = flatten(expected), flatten(trained)

@@ -31,11 +31,11 @@ from absl import logging
 from idat_jax import checkpoints as ckpt_io
 from idat_jax import config_lib
 from idat_jax import sharding as shd
-from idat_jax.data import pipeline, vtab
+from idat_jax.data import inputs, vtab
 from idat_jax.methods import Method, build_method
 from idat_jax.models import dummy_images
 from idat_jax.tree_util import flatten, unflatten
-from idat_jax.training import features, inputs, optim, schedules, trainable as tr
+from idat_jax.training import optim, schedules, trainable as tr
 from idat_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError, IdatError
 from idat_jax.fileio import atomic_write
 from idat_jax.training import workdir as wd
@@ -65,12 +65,11 @@ class Setup:
   steps_per_epoch: int
   total_epochs: int
   counts: dict[str, tuple[int, int]]
-  eval_data: Any = None  # cached features (feature methods); else built by build_eval
-  eval_source: Any = None  # the eval split, opened (checked) by setup before model init
+  eval_data: inputs.EvalData | None = None  # from method.prepare_inputs; None: no eval
 
-  def get_eval_data(self, workdir: str):
+  def get_eval_data(self) -> inputs.EvalData:
     if self.eval_data is None:
-      self.eval_data = inputs.build_eval(self.config, self.mesh, workdir, self.eval_source)
+      raise ValueError(f"method {self.method.name!r} has no classifier to evaluate")
     return self.eval_data
 
   @property
@@ -102,7 +101,7 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
   """
   params, masks, counts, extras = {}, {}, {}, {}
   replicated = shd.replicated(mesh)
-  specs = method._specs()
+  specs = method.specs
   for name, spec in specs.items():  # before any (possibly expensive) model init
     if spec.checkpoint and "://" not in spec.checkpoint and not os.path.exists(spec.checkpoint):
       raise CheckpointNotFoundError(
@@ -228,25 +227,20 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """Mesh, method, inputs, models, optimizer and initial state of a run.
+
+  The method owns its inputs: ``open_inputs`` opens every split before any model init (so a
+  missing split stops the run before minutes of setup) and reports the data's facts, which the
+  method then holds (``num_classes``, ``train_examples``; the config is not written);
+  ``prepare_inputs`` returns the train and eval inputs once the weights are loaded.
+  """
   mesh = shd.make_mesh(config.num_devices)
   shd.check_batch_size(config.batch_size, mesh)
   shd.check_batch_size(config.eval_batch_size, mesh, "eval batch size")
   method = build_method(config)
-  caches_features = getattr(method, "features_from", None) is not None
-  # Every split is opened (list files, directories, TFDS metadata) before any model init, so
-  # a missing test split stops the run before minutes of setup, not after.
-  eval_source = None
-  if method.eval_model is not None or caches_features:
-    eval_source = method.source(config.data.eval_split)
-  if caches_features:
-    train_source = method.source(config.data.train_split)
-    num_examples, num_classes = len(train_source), train_source.num_classes
-  else:
-    train_data = method.build_train(mesh, workdir)
-    num_examples, num_classes = train_data.num_examples, train_data.num_classes
-  method.train_examples = num_examples
-  if config.data.num_classes is None:
-    config.data.num_classes = num_classes
+  facts = method.open_inputs(mesh, workdir)
+  method.set_data_facts(facts)
+  num_examples = facts.num_examples
   steps_per_epoch = num_examples // config.batch_size
   micro_batches_per_epoch = steps_per_epoch  # the loader's length, before dropping leftovers
   if steps_per_epoch < 1:
@@ -261,10 +255,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   total_epochs = config.optim.epochs + config.optim.cooldown_epochs
 
   params, masks, counts, extras = load_models(method, jax.random.key(config.seed), mesh)
-  eval_data = None
-  if caches_features:
-    train_data, eval_data = cache_features(config, mesh, workdir, method, params, train_source,
-                                           eval_source)
+  train_data, eval_data = method.prepare_inputs(params, mesh, workdir)
   trainable, frozen = tr.partition(params, masks)
   if not jax.tree.leaves(trainable):
     raise ValueError("the trainable rules select no parameter at all")
@@ -277,37 +268,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
                extra=extras)
   return Setup(config, method, mesh, masks, frozen, state, tx, schedule, train_data,
-               steps_per_epoch, total_epochs, counts, eval_data, eval_source)
-
-
-def cache_features(config, mesh, workdir, method: Method, params, train_source,
-                   eval_source=None):
-  """Runs the method's frozen feature model once over the train and eval splits."""
-  normalize = inputs.normalizer(config.data.normalization)
-  cache = inputs.cache_dir(config, workdir)
-  if eval_source is None:
-    eval_source = method.source(config.data.eval_split)
-  data = {}
-  for split, source in (("train", train_source), ("eval", eval_source)):
-    batches = pipeline.EvalIterator(
-        source, config.data.image_size, config.eval_batch_size, mesh,
-        resident_budget_bytes=0, cache_dir=cache)
-    t0 = time.time()
-    data[split] = features.extract(method.features, params, batches, normalize)
-    logging.info("cached %d %s features of dim %d in %.1f s", data[split][0].shape[0], split,
-                 data[split][0].shape[1], time.time() - t0)
-  resident = pipeline.put_resident_train(*data["train"], mesh)
-  train_data = inputs.TrainData(resident.num_examples, train_source.num_classes,
-                                resident=resident, kind="feature")
-  eval_data = features.FeatureEval.create(*data["eval"], config.eval_batch_size, mesh)
-  return train_data, eval_data
+               steps_per_epoch, total_epochs, counts, eval_data)
 
 
 def make_update(method: Method, tx: optax.GradientTransformation, schedule, accum_steps: int = 1):
   """The pure optimisation step ``(state, frozen, batch, rng) -> (state, metrics)``.
 
   Gradients are taken with respect to the trainable tree only, so frozen weights get neither
-  weight-gradient computation nor optimizer state. ``batch['image']`` is already normalised.
+  weight-gradient computation nor optimizer state. ``batch`` is the training input's
+  ``model_batch`` (e.g. normalised images).
   """
   def update(state, frozen, batch, rng):
     extra = state.get("extra", {})
@@ -334,10 +303,10 @@ def make_train_step(s: Setup) -> Callable:
   """``(state, frozen, data) -> (state, metrics)``, jit-compiled with the state donated.
 
   ``data`` is the device-resident train set (the batch is gathered inside the step from
-  (seed, step)) or, for streamed inputs, the batch itself.
+  (seed, step)) or, for streamed inputs, the batch itself; the training input makes the
+  method's batch of it (``TrainData.batch_in_step``).
   """
   config = s.config
-  normalize = inputs.normalizer(config.data.normalization)
   update = make_update(s.method, s.tx, s.schedule, config.optim.accum_steps)
   seed_key = jax.random.key(config.seed)
 
@@ -345,8 +314,6 @@ def make_train_step(s: Setup) -> Callable:
     step = state["step"]
     batch = s.train_data.batch_in_step(data, config.seed, step, s.steps_per_epoch,
                                        config.batch_size)
-    if "image" in batch:
-      batch = dict(batch, image=normalize(batch["image"]))
     return update(state, frozen, batch, jax.random.fold_in(seed_key, step))
 
   replicated = shd.replicated(s.mesh)
@@ -360,11 +327,11 @@ def make_eval_step(s: Setup) -> Callable:
   Top-1 methods get (correct, count) sums; others (``eval_metric`` 'mean_auroc') get the
   batch's float32 logits, labels and mask, replicated, for :func:`evaluate` to rank on the host.
   """
-  normalize = inputs.normalizer(s.config.data.normalization)
+  model_input = s.get_eval_data().model_input
   per_example = s.method.eval_metric != "top1"
 
   def eval_fn(trainable, frozen, extra, batch):
-    x = normalize(batch["image"]) if "image" in batch else batch["feature"]
+    x = model_input(batch)
     logits = s.method.predict(tr.combine(trainable, frozen), x, extra)
     if per_example:
       return logits.astype(jnp.float32), batch["label"], batch["mask"]
@@ -409,7 +376,7 @@ def evaluate(s: Setup, eval_step, state, eval_data: inputs.EvalData) -> dict[str
   if seen != eval_data.num_examples:
     raise RuntimeError(f"evaluation counted {seen} examples, expected {eval_data.num_examples}")
   num_labels = scores.shape[1]
-  names = getattr(s.method, "label_names", None) or [str(j) for j in range(num_labels)]
+  names = s.method.label_names or [str(j) for j in range(num_labels)]
   result = multilabel_auroc(unpack_labels(packed, num_labels), scores, names)
   result["eval_examples"] = seen
   return result
@@ -532,7 +499,7 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
   train_step = make_train_step(s)
   eval_data = None
   if s.method.eval_model is not None and config.eval_every_epochs > 0:
-    eval_data = s.get_eval_data(workdir)
+    eval_data = s.get_eval_data()
     eval_step = make_eval_step(s)
   data = s.train_data.resident
 
@@ -660,7 +627,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     finally:
       ckpt.close()
     metric = s.method.eval_metric
-    result = evaluate(s, make_eval_step(s), state, s.get_eval_data(workdir))
+    result = evaluate(s, make_eval_step(s), state, s.get_eval_data())
   result.update(step=int(state["step"]), metric=metric,
                 reported_last_top1=meta.get("last_top1"),
                 reported_best_top1=meta.get("best_top1"))

@@ -408,7 +408,7 @@ def step_benchmarks(res: dict, p, attention: str, mesh, rng, tmp: str) -> dict:
   s, r, runners[key] = train_step_bench(weco_config(p, attention), os.path.join(tmp, "weco"), p)
   r["mfu"] = r["tflops_per_s"] / res["peak_matmul_tflops"]
   res[key] = r
-  teacher = s.method._specs()["teacher"].module
+  teacher = s.method.specs["teacher"].module
   feats = lambda prm, x: teacher.apply({"params": prm}, x, features=True)["pooled"]
   x = jnp.asarray(synthetic_batch(p["eval_batch"], p, mesh, rng)["image"], p["dtype"])
   res["probe_features"] = forward_bench(feats, (s.frozen["teacher"], x), p["eval_batch"], p)

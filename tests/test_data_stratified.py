@@ -6,7 +6,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from idat_jax import data
-from idat_jax.training import inputs
+from idat_jax.data import inputs
 from idat_jax import config_lib
 
 

@@ -132,7 +132,7 @@ def _init_params(method):
   """
   params = {}
   dummy = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-  for i, (name, spec) in enumerate(method._specs().items()):
+  for i, (name, spec) in enumerate(method.specs.items()):
     shapes = jax.eval_shape(spec.module.init, jax.random.key(0), dummy)["params"]
     rng = np.random.default_rng(100 + i)
     flat = {k: _random_leaf(k, v.shape, rng).astype(np.float32)
@@ -146,7 +146,7 @@ def _run_jax(distill_loss, batches):
   method = build_method(config)
   params = _init_params(method)
   masks = {name: tr.trainable_mask(params[name], spec.trainable)
-           for name, spec in method._specs().items()}
+           for name, spec in method.specs.items()}
   trainable, frozen = tr.partition(params, masks)
   schedule = optax.constant_schedule(config.optim.lr)
   tx = make_optimizer(config.optim, schedule, trainable)

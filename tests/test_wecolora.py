@@ -104,7 +104,7 @@ def _load_student(method):
   ``.npz``, so its random init (an expensive XLA compile on CPU) would only be overwritten:
   it is read with ``load_params`` and checked against the tree its init would build.
   """
-  specs = method._specs()
+  specs = method.specs
   only_student = copy.copy(method)
   only_student._spec_cache = {"student": specs["student"]}
   params, masks, counts, _ = train.load_models(only_student, jax.random.key(0),
@@ -176,7 +176,7 @@ def test_lora_student_at_init_is_the_copied_model(weco, teacher_npz, reduction, 
     np.testing.assert_array_equal(flat[k], v, err_msg=k)
   plain = build_vit(None, 0, image_size=IMAGE_SIZE, **dict(ARCH, depth=depth))
   images = jnp.asarray(_images(4, seed=1))
-  ours = method._specs()["student"].module.apply({"params": student}, images, features=True)
+  ours = method.specs["student"].module.apply({"params": student}, images, features=True)
   ref = plain.apply({"params": copied}, images, features=True)
   assert len(ours["blocks"]) == len(ref["blocks"]) == depth
   for k in range(depth):
@@ -622,7 +622,7 @@ def test_merged_export_reproduces_the_lora_student(digits):
   depth = method.student_blocks
   plain = build_vit(None, 0, image_size=DIGITS_SIZE, **dict(DIGITS_ARCH, depth=depth))
   images = jnp.asarray(_images(8, seed=2, size=DIGITS_SIZE))
-  ours = method._specs()["student"].module.apply({"params": student}, images, features=True)
+  ours = method.specs["student"].module.apply({"params": student}, images, features=True)
   ref = plain.apply({"params": merged}, images, features=True)
   pairs = list(zip(ours["blocks"], ref["blocks"])) + [(ours["tokens"], ref["tokens"])]
   assert len(pairs) == depth + 1
@@ -647,7 +647,7 @@ def test_digits_run_probed_with_fewer_blocks_is_rejected(digits):
   probe = _probe_config(digits["teacher_npz"], digits["distill_dir"], reduction=4,
                         arch=DIGITS_ARCH, image_size=DIGITS_SIZE)
   probe.data.num_classes = 10
-  spec = build_method(probe)._specs()["backbone"]
+  spec = build_method(probe).specs["backbone"]
   with pytest.raises(ValueError, match=r"does not match the student.*r=2.*r=4"):
     spec.load_transform(teacher)
 
@@ -720,7 +720,7 @@ def test_reduction_that_keeps_no_block(teacher_npz, reduction):
     build_method(_weco_config(teacher_npz, reduction))
   probe = _probe_config(teacher_npz, "", reduction=reduction)
   with pytest.raises(ValueError, match=rf"r={reduction} must be >= 1"):
-    build_method(probe)._specs()
+    build_method(probe).specs
   from idat_jax.methods.wecolora import kept_block_count
   with pytest.raises(ValueError, match="leaves no block"):
     kept_block_count(0, 2)
@@ -817,7 +817,7 @@ def test_distill_config_reference_values():
     config = _load_config_module("wecolora_distill").get_config(arg)
     method = build_method(config)
     assert method.student_blocks == blocks
-    spec = method._specs()["student"]
+    spec = method.specs["student"]
     assert spec.module.lora.targets == LORA_TARGETS and spec.module.lora.rank == 128
     assert spec.module.lora.scale == 1.0 and spec.module.depth == blocks
     shapes = tr.flatten(jax.eval_shape(
@@ -826,7 +826,7 @@ def test_distill_config_reference_values():
     lora = sum(math.prod(v.shape) for k, v in shapes.items() if "/lora/" in k)
     rest = sum(math.prod(v.shape) for k, v in shapes.items() if "/lora/" not in k)
     assert (lora, rest) == (lora_params, copied_params), arg
-    assert spec.init_only and not method._specs()["teacher"].init_only
+    assert spec.init_only and not method.specs["teacher"].init_only
 
   other = _load_config_module("wecolora_distill").get_config(
       "r=3,rank=64,lora=plain,student=weco_kd,loss=segments,ratio=0.1")

@@ -189,7 +189,7 @@ def test_streamed_loss_equals_cached_feature_loss(tmp_path, backend, transform):
                              method.predict(params, feats, eb), rtol=1e-5, atol=1e-6)
   if backend == "chestxray":  # BCE over the 4 labels of the packed masks
     from idat_jax.data.multilabel_csv import unpack_labels
-    probe = method._specs()["probe"].module
+    probe = method.specs["probe"].module
     logits = probe.apply({"params": params["probe"], **extras["probe"]}, feats, train=True,
                          mutable=["batch_stats"])[0]
     want = torch.nn.BCEWithLogitsLoss()(

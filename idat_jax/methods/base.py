@@ -1,19 +1,36 @@
 """The method plug-in interface: what a method declares, and what the trainer owns.
 
 A method says which models it has (with their pretrained files, PEFT options and trainable
-rules), its training loss and how it predicts. The generic trainer (``idat_jax.train``)
-owns initialisation, freezing, the optimizer, sharding, the loop, checkpoints and logging.
+rules), its inputs, its training loss and how it predicts. The generic trainer
+(``idat_jax.train``) owns initialisation, freezing, the optimizer, sharding, the loop,
+checkpoints and logging, and calls the method only through the hooks below:
+
+1. ``open_inputs(mesh, workdir)``: before any model exists, open every split and return the
+   training split's :class:`DataFacts`; the trainer then sets ``num_classes`` and
+   ``train_examples`` on the method (``set_data_facts``);
+2. ``specs`` (built once from ``models()``): the models, initialised and loaded by the trainer;
+3. ``prepare_inputs(params, mesh, workdir)``: the train and eval inputs, which may use the
+   loaded weights (the linear probe caches its backbone's features here);
+4. ``loss`` / ``predict`` inside the jitted steps; ``describe``, ``checkpoint_meta``,
+   ``finalize`` around the run.
+
+The defaults read images as ``config.data`` describes them (``idat_jax.data.inputs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
+from idat_jax.data import inputs
+from idat_jax.data.base import Source
+from idat_jax.data.inputs import DataFacts, EvalData, TrainData
 from idat_jax.models import (PEFT_PATTERN, VisionTransformer, build_vit, model_overrides,
                              trainable_rules)
 
@@ -42,18 +59,29 @@ class ModelSpec:
 
 
 class Method:
-  """Base class: subclasses set ``name`` and implement ``models`` and ``loss``."""
+  """Base class: subclasses set ``name`` and implement ``models`` and ``loss``.
+
+  Image methods need nothing else; methods with other inputs override ``open_inputs`` and
+  ``prepare_inputs`` (see the module docstring).
+  """
   name: str = ""
   # The model whose predictions are evaluated (None: the method has no classifier).
   eval_model: str | None = None
   # The key of ``train.evaluate``'s result that the trainer reports as best / last
   # ('top1': top-1 %, 'mean_auroc': mean AUROC % over labels of a multi-label probe).
   eval_metric: str = "top1"
+  # Per-label names of a multi-label eval metric (None: the labels' indices).
+  label_names: list[str] | None = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    # The data's class count: the user's config.data.num_classes until the data is opened,
+    # then the training split's (inputs.data_facts checks that they agree); models() reads it.
+    self.num_classes: int | None = config.data.num_classes
     # Training examples the run reads, when the trainer knows them (reported by describe()).
     self.train_examples: int | None = None
+    self._eval_source: Source | None = None
+    self._train_data: TrainData | None = None
 
   def describe(self) -> dict[str, Any]:
     """The facts that identify this run in its summary and ``results.csv`` (JSON values).
@@ -67,36 +95,77 @@ class Method:
   def models(self) -> dict[str, ModelSpec]:
     raise TypeError(f"{type(self).__name__} must define models()")
 
+  @functools.cached_property
+  def specs(self) -> dict[str, ModelSpec]:
+    """The method's models (name -> :class:`ModelSpec`), built once from ``models()``."""
+    return self.models()
+
+  def _specs(self) -> dict[str, ModelSpec]:
+    """Deprecated alias of :attr:`specs`, kept until the last caller moves to it."""
+    return self.specs
+
   def loss(self, params: Mapping[str, Params], batch: Batch, rng: jax.Array,
            extra: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
     """Training loss (scalar), metrics to log, and the updated non-parameter state.
 
     ``params`` maps model name -> full parameter tree; ``extra`` maps model name -> the
     module's non-``params`` collections (e.g. BatchNorm statistics), ``{}`` for most methods.
+    ``batch`` is what the training input's ``model_batch`` made (normalised images by default).
     """
     raise TypeError(f"{type(self).__name__} must define loss()")
 
   def predict(self, params: Mapping[str, Params], images: jax.Array,
               extra: Mapping[str, Any]) -> jax.Array:
-    """Logits of the evaluated model, in eval mode."""
+    """Logits of the evaluated model, in eval mode (input: the eval input's ``model_input``)."""
     if self.eval_model is None:
       raise ValueError(f"method {self.name!r} has no classifier to evaluate")
-    spec = self._specs()[self.eval_model]
+    spec = self.specs[self.eval_model]
     return spec.module.apply({"params": params[self.eval_model]}, images, train=False)
 
-  # -- data: the trainer builds every input through these (methods may override them) ------
+  # -- inputs: the trainer builds every input through these hooks --------------------------
 
-  def source(self, split: str):
+  def source(self, split: str) -> Source:
     """The example source of one split (``idat_jax.data.base.Source``) as this method reads
     it; the linear probe wraps it with its data set's preprocessing."""
-    from idat_jax.training import inputs
     return inputs.build_source(self.config, split)
 
-  def build_train(self, mesh, workdir: str):
-    """The training input (``training.inputs.TrainData``) of methods without cached features
-    (the probe streams its augmented images here)."""
-    from idat_jax.training import inputs
+  def build_train(self, mesh: Mesh, workdir: str) -> TrainData:
+    """The training images (resident, or streamed and augmented), normalised in the step."""
     return inputs.build_train(self.config, mesh, workdir)
+
+  def open_inputs(self, mesh: Mesh, workdir: str) -> DataFacts:
+    """Before any model init: opens every split and returns the training split's facts.
+
+    A missing split (list files, directories, TFDS metadata) thus stops the run before
+    minutes of model set-up. Default: the eval split (when the method evaluates), then the
+    training images (:meth:`build_train`). Overrides return ``inputs.data_facts(config,
+    train_source)``, which checks a given ``config.data.num_classes`` against the data.
+    """
+    if self.eval_model is not None:
+      self._eval_source = self.source(self.config.data.eval_split)
+    self._train_data = self.build_train(mesh, workdir)
+    return DataFacts(self._train_data.num_examples, self._train_data.num_classes)
+
+  def set_data_facts(self, facts: DataFacts) -> None:
+    """Called by the trainer with :meth:`open_inputs`' result, before the models are built.
+
+    (``inputs.data_facts`` made the facts and checked a given ``config.data.num_classes``.)
+    """
+    self.num_classes = facts.num_classes
+    self.train_examples = facts.num_examples
+    self.__dict__.pop("specs", None)  # models built before now saw no data facts
+
+  def prepare_inputs(self, params: Mapping[str, Params], mesh: Mesh,
+                     workdir: str) -> tuple[TrainData, EvalData | None]:
+    """With the loaded models' ``params``: the train input and the eval input (None when the
+    method evaluates nothing). Default: the splits :meth:`open_inputs` opened, as images."""
+    del params  # image inputs do not depend on the models
+    if self._train_data is None:
+      raise RuntimeError("prepare_inputs() runs after open_inputs()")
+    eval_data = None
+    if self._eval_source is not None:
+      eval_data = inputs.build_eval(self.config, mesh, workdir, self._eval_source)
+    return self._train_data, eval_data
 
   def checkpoint_meta(self) -> dict[str, Any]:
     """Facts saved with every checkpoint that readers of the run must check (JSON)."""
@@ -105,11 +174,6 @@ class Method:
   def finalize(self, params: Mapping[str, Params], workdir: str) -> dict[str, Any]:
     """Called once on process 0 after the last step (exports); returns summary entries."""
     return {}
-
-  def _specs(self) -> dict[str, ModelSpec]:
-    if not hasattr(self, "_spec_cache"):
-      self._spec_cache = self.models()
-    return self._spec_cache
 
 
 def split_rngs(rng: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:

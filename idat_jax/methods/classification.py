@@ -26,11 +26,11 @@ class Supervised(Method):
 
   def models(self) -> dict[str, ModelSpec]:
     c = self.config
-    return {"student": pretrained_spec(c.models.student, num_classes=c.data.num_classes,
+    return {"student": pretrained_spec(c.models.student, num_classes=self.num_classes,
                                        image_size=c.data.image_size)}
 
   def loss(self, params: Mapping[str, Params], batch, rng, extra):
-    spec = self._specs()["student"]
+    spec = self.specs["student"]
     logits = spec.module.apply({"params": params["student"]}, batch["image"], train=True,
                                rngs={"dropout": rng})
     ce = losses.cross_entropy(logits, batch["label"])
@@ -54,7 +54,7 @@ class IDAT(Method):
 
   def models(self) -> dict[str, ModelSpec]:
     c = self.config
-    kw = dict(num_classes=c.data.num_classes, image_size=c.data.image_size)
+    kw = dict(num_classes=self.num_classes, image_size=c.data.image_size)
     return {"student": pretrained_spec(c.models.student, **kw),
             "teacher": pretrained_spec(c.models.teacher, **kw)}
 
@@ -65,7 +65,7 @@ class IDAT(Method):
     return losses.kl_teacher_student(z_s, z_t, c.temperature)
 
   def loss(self, params: Mapping[str, Params], batch, rng, extra):
-    specs = self._specs()
+    specs = self.specs
     rngs = split_rngs(rng, ("student", "teacher"))
     logits = {
         name: specs[name].module.apply({"params": params[name]}, batch["image"], train=True,

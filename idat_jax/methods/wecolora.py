@@ -25,14 +25,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jax.sharding import Mesh
+
 from idat_jax import checkpoints as ckpt_io
-from idat_jax.data import multilabel_csv, pipeline, preprocess, probe_transforms
+from idat_jax.data import features as feature_cache
+from idat_jax.data import inputs, multilabel_csv, preprocess, probe_transforms
 from idat_jax.data.base import Source
+from idat_jax.data.host_batches import StreamingTrainIterator
 from idat_jax.data.loader import MULTILABEL_BACKENDS
 from idat_jax.methods import losses
 from idat_jax.methods.base import Method, ModelSpec, Params, build_model, register
 from idat_jax.models import PEFT_PATTERN, merge_lora, variant_kwargs
-from idat_jax.training import inputs, trainable as tr
+from idat_jax.tree_util import flatten, unflatten
 
 STUDENTS = ("lora", "weco_kd", "no_copy")
 DISTILL_LOSSES = ("last", "segments")
@@ -122,7 +126,7 @@ class WeCoLoRA(Method):
     return specs
 
   def loss(self, params: Mapping[str, Params], batch, rng, extra):
-    specs = self._specs()
+    specs = self.specs
     images = batch["image"]
     t = specs["teacher"].module.apply({"params": params["teacher"]}, images, train=False,
                                       features=True)
@@ -248,11 +252,10 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
   ``student_run`` is a ``wecolora`` work dir (its Orbax checkpoint holds the student's trainable
   tree: LoRA matrices, or every weight for weco_kd); '' gives the copied, undistilled student.
   """
-  from idat_jax.training.checkpointing import read_run_checkpoint
   student = ckpt_io.copy_blocks(teacher, reduction) if reduction > 1 else teacher
   if not student_run:
     return student
-  state, meta = read_run_checkpoint(os.path.join(student_run, "checkpoints"), step)
+  state, meta = ckpt_io.read_run_checkpoint(os.path.join(student_run, "checkpoints"), step)
   facts = meta.get("wecolora")
   if facts is None:
     raise ValueError(f"{student_run} is not a wecolora distillation run (its checkpoint meta has "
@@ -269,9 +272,9 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
   trained = state["trainable"].get("student")
   if not trained:
     raise ValueError(f"{student_run}: the checkpoint holds no 'student' parameters")
-  base = tr.flatten(student)
-  lora = {k: v for k, v in tr.flatten(trained).items() if "/lora/" in k}
-  rest = {k: v for k, v in tr.flatten(trained).items() if "/lora/" not in k}
+  base = flatten(student)
+  lora = {k: v for k, v in flatten(trained).items() if "/lora/" in k}
+  rest = {k: v for k, v in flatten(trained).items() if "/lora/" not in k}
   problems = []
   for name, value in rest.items():
     if name not in base:
@@ -289,10 +292,10 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
                      f"(teacher depth, reduction r={reduction}): " + "; ".join(problems[:8]))
   base.update(rest)
   base.update(lora)
-  return merge_lora(tr.unflatten(base), scale=lora_scale)
+  return merge_lora(unflatten(base), scale=lora_scale)
 
 
-class ProbeTrainStream(pipeline.StreamingTrainIterator):
+class ProbeTrainStream(StreamingTrainIterator):
   """Streamed probe training images under a data set's random train transform (e.g. CXR's
   flip + ColorJitter), drawn from (seed, epoch, example index) like the distillation's crops."""
 
@@ -331,10 +334,10 @@ class LinearProbe(Method):
     self.multilabel = config.data.backend in MULTILABEL_BACKENDS
     self.eval_metric = "mean_auroc" if self.multilabel else "top1"
     self.streams = self.transform.train_random is not None and bool(p.train_augment)
-    # The trainer caches this model's features of every example once (see ``features``);
-    # None: it streams images and the loss runs the backbone.
+    # The model whose features of every example are cached once (see ``prepare_inputs``);
+    # None: images are streamed and the loss runs the backbone.
     self.features_from = None if self.streams else "backbone"
-    self.label_names: list[str] | None = None
+    self._train_source: Source | None = None
 
   def models(self) -> dict[str, ModelSpec]:
     c, p = self.config, self.config.probe
@@ -350,7 +353,7 @@ class LinearProbe(Method):
         load_transform=lambda tree: load_distilled_student(
             tree, p.reduction, p.student_run, p.student_step,
             lora_scale=c.models.student.tuning.lora_scale))}
-    probe = ProbeHead(c.data.num_classes)
+    probe = ProbeHead(self.num_classes)
     specs["probe"] = ModelSpec(probe, "", [("head/.*", True)],
                                example_input=jnp.zeros((2, backbone.width), jnp.float32))
     return specs
@@ -385,22 +388,44 @@ class LinearProbe(Method):
     return probe_transforms.TransformedSource(source, self.transform.eval,
                                               self.config.data.image_size, self.transform.name)
 
-  def build_train(self, mesh, workdir: str) -> inputs.TrainData:
+  def build_train(self, mesh: Mesh, workdir: str) -> inputs.TrainData:
     """Streamed training images under the random train transform (``self.streams``)."""
     c = self.config
     if not self.streams:
       raise ValueError("build_train is for streamed probes; this probe caches its features")
     source = inputs.build_source(c, c.data.train_split)
     self.label_names = getattr(source, "label_names", None)
+    facts = inputs.data_facts(c, source)
     stream = ProbeTrainStream(source, c.data.image_size, c.batch_size, mesh, seed=c.seed,
                               transform=self.transform.train_random)
-    return inputs.TrainData(len(source), source.num_classes, stream=stream)
+    return inputs.TrainData(facts.num_examples, facts.num_classes,
+                            inputs.image_batch(c.data.normalization), stream=stream)
+
+  def open_inputs(self, mesh: Mesh, workdir: str) -> inputs.DataFacts:
+    """Both splits under the probe transform; the streamed probe builds its stream here."""
+    if self.streams:
+      return super().open_inputs(mesh, workdir)
+    c = self.config
+    self._eval_source = self.source(c.data.eval_split)
+    self._train_source = self.source(c.data.train_split)
+    return inputs.data_facts(c, self._train_source)
+
+  def prepare_inputs(self, params: Mapping[str, Params], mesh: Mesh, workdir: str
+                     ) -> tuple[inputs.TrainData, inputs.EvalData]:
+    """Cached probes run the frozen backbone once over both splits (features stay on the
+    devices); streamed ones train on images (the loss runs the backbone)."""
+    if self.streams:
+      return super().prepare_inputs(params, mesh, workdir)
+    if self._train_source is None:
+      raise RuntimeError("prepare_inputs() runs after open_inputs()")
+    return feature_cache.cached_inputs(self.config, mesh, workdir, self.features, params,
+                                       self._train_source, self._eval_source)
 
   # -- model -------------------------------------------------------------------------------
 
   def features(self, params: Mapping[str, Params], images: jax.Array) -> jax.Array:
     """The class token after the final norm (MAE's ``global_pool=False`` probe feature)."""
-    spec = self._specs()["backbone"]
+    spec = self.specs["backbone"]
     return spec.module.apply({"params": params["backbone"]}, images, train=False,
                              features=True)["pooled"].astype(jnp.float32)
 
@@ -410,7 +435,7 @@ class LinearProbe(Method):
     return jax.lax.stop_gradient(self.features(params, batch["image"]))
 
   def loss(self, params, batch, rng, extra):
-    probe = self._specs()["probe"].module
+    probe = self.specs["probe"].module
     logits, updated = probe.apply({"params": params["probe"], **extra["probe"]},
                                   self._head_input(params, batch), train=True,
                                   mutable=["batch_stats"])
@@ -422,12 +447,12 @@ class LinearProbe(Method):
     acc = losses.top1_correct(logits, batch["label"]).mean()
     return ce, {"loss": ce, "train_top1": acc}, dict(extra, probe=dict(updated))
 
-  def predict(self, params, inputs, extra):
+  def predict(self, params, x, extra):
     """Logits from cached features ([N, D]) or from normalised images ([N, H, W, 3])."""
-    probe = self._specs()["probe"].module
-    if inputs.ndim == 4:
-      inputs = self.features(params, inputs)
-    return probe.apply({"params": params["probe"], **extra["probe"]}, inputs, train=False)
+    probe = self.specs["probe"].module
+    if x.ndim == 4:
+      x = self.features(params, x)
+    return probe.apply({"params": params["probe"], **extra["probe"]}, x, train=False)
 
 
 def linear_probe_lr(base_lr: float, batch_size: int) -> float:

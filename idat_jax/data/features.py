@@ -2,25 +2,32 @@
 
 Every example of the train and eval splits goes once through the backbone (unaugmented,
 padded and masked batches, so multi-host shares are covered exactly once); the features are
-then kept on the devices, so the probe's epochs cost only its own tiny matmuls.
+then kept on the devices, so the probe's epochs cost only its own tiny matmuls. The backbone
+is passed in as a function: this layer knows no model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Iterator
 
 import jax
+import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from idat_jax import sharding as shd
-from idat_jax.data import pipeline
+from idat_jax.data import inputs
+from idat_jax.data.base import Source
+from idat_jax.data.host_batches import EvalIterator
+from idat_jax.data.resident import put_resident_train
 
 
 def extract(feature_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
-            batches: pipeline.EvalIterator, normalize: Callable) -> tuple[np.ndarray, np.ndarray]:
+            batches: EvalIterator, normalize: Callable) -> tuple[np.ndarray, np.ndarray]:
   """(features, labels) of every example of ``batches``, on the host of every process.
 
   ``feature_fn(params, images)``; params are an argument (not baked into the compiled code).
@@ -74,3 +81,37 @@ class FeatureEval:
     arrays = {"feature": self.features, "label": self.labels, "mask": self.mask}
     for b in range(self.features.shape[0]):
       yield self._take(arrays, b)
+
+
+def feature_batch(batch: inputs.Batch) -> dict[str, jax.Array]:
+  """Inside jit: a resident feature set's batch (stored under ``image``) as the loss reads it."""
+  return {"feature": batch["image"], "label": batch["label"]}
+
+
+def feature_input(batch: inputs.Batch) -> jax.Array:
+  """Inside jit: an eval batch's cached features (the evaluated model's input)."""
+  return batch["feature"]
+
+
+def cached_inputs(config: ml_collections.ConfigDict, mesh: Mesh, workdir: str,
+                  feature_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
+                  train_source: Source, eval_source: Source
+                  ) -> tuple[inputs.TrainData, inputs.EvalData]:
+  """Runs ``feature_fn(params, images)`` once over the train and eval splits; returns the
+  train input (features resident on the devices) and the eval input (cached features)."""
+  normalize = inputs.normalizer(config.data.normalization)
+  cache = inputs.cache_dir(config, workdir)
+  data = {}
+  for split, source in (("train", train_source), ("eval", eval_source)):
+    batches = EvalIterator(source, config.data.image_size, config.eval_batch_size, mesh,
+                           resident_budget_bytes=0, cache_dir=cache)
+    t0 = time.time()
+    data[split] = extract(feature_fn, params, batches, normalize)
+    logging.info("cached %d %s features of dim %d in %.1f s", data[split][0].shape[0], split,
+                 data[split][0].shape[1], time.time() - t0)
+  resident = put_resident_train(*data["train"], mesh)
+  train_data = inputs.TrainData(resident.num_examples, train_source.num_classes, feature_batch,
+                                resident=resident)
+  eval_data = inputs.EvalData(
+      FeatureEval.create(*data["eval"], config.eval_batch_size, mesh), feature_input)
+  return train_data, eval_data
