@@ -106,7 +106,7 @@ def _load_student(method):
   """
   specs = method.specs
   only_student = copy.copy(method)
-  only_student._spec_cache = {"student": specs["student"]}
+  only_student.specs = {"student": specs["student"]}
   params, masks, counts, _ = train.load_models(only_student, jax.random.key(0),
                                                shd.make_mesh(1))
   teacher_spec = specs["teacher"]
