@@ -13,7 +13,9 @@ Orbax saves from every process, metrics from process 0.
 Each output line is prefixed with ``[p<i>]``. The launcher waits for all processes and exits
 0 only if all exit 0. When one fails (or is killed), the others get SIGTERM, then SIGKILL
 after ``--grace_s``; the launcher names the failed process and exits with its code
-(128 + signal number for a signal).
+(128 + signal number for a signal). With ``--survivor_wait_s`` it first waits that long for the
+others to end by themselves, as they do on a real cluster: the JAX coordination service ends
+every process within ``config.distributed.heartbeat_timeout_s`` of a peer's death.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def _pump(stream: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock) ->
 def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
            module: str = "idat_jax.main", python: str = sys.executable, grace_s: float = 10.0,
            timeout_s: float | None = None, out: IO[str] | None = None,
-           env: dict[str, str] | None = None, poll_s: float = 0.2) -> Result:
+           env: dict[str, str] | None = None, poll_s: float = 0.2,
+           survivor_wait_s: float = 0.0) -> Result:
   """Starts the processes, streams their prefixed output, and stops all when one fails."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"need at least 1 process and 1 device per process, got "
@@ -145,6 +148,12 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
   except KeyboardInterrupt:
     result.message = "interrupted"
   finally:
+    if result.failed is not None and survivor_wait_s > 0:
+      say(f"{result.message}; waiting up to {survivor_wait_s:g} s for the others to end")
+      _wait_all(procs, result, survivor_wait_s, poll_s)
+      for i, rc in enumerate(result.returncodes):
+        if i != result.failed and rc is not None:
+          say(f"process {i} ended by itself: {describe_exit(rc)}")
     if any(rc is None for rc in result.returncodes):
       if result.message:
         say(f"{result.message}; stopping the other processes")
@@ -160,6 +169,16 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
   else:
     say(f"FAILED: {result.message}; exit codes {result.returncodes}")
   return result
+
+
+def _wait_all(procs: list[subprocess.Popen], result: Result, wait_s: float,
+              poll_s: float) -> None:
+  end = time.monotonic() + wait_s
+  while time.monotonic() < end and any(rc is None for rc in result.returncodes):
+    for i, p in enumerate(procs):
+      if result.returncodes[i] is None:
+        result.returncodes[i] = p.poll()
+    time.sleep(poll_s)
 
 
 def _stop(procs: list[subprocess.Popen], result: Result, grace_s: float) -> None:
@@ -186,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="Python module each process runs (python -m MODULE ARGS).")
   parser.add_argument("--grace_s", type=float, default=10.0,
                       help="SIGTERM-to-SIGKILL wait when stopping the others after a failure.")
+  parser.add_argument("--survivor_wait_s", type=float, default=0.0,
+                      help="After a failure, wait this long for the others to end by themselves "
+                           "(the distributed heartbeat timeout) before stopping them.")
   parser.add_argument("--timeout_s", type=float, default=None,
                       help="Stop everything (and fail) after this many seconds.")
   parser.add_argument("args", nargs=argparse.REMAINDER,
@@ -194,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
   result = launch(args, num_processes=ns.num_processes,
                   devices_per_process=ns.devices_per_process, module=ns.module,
-                  grace_s=ns.grace_s, timeout_s=ns.timeout_s)
+                  grace_s=ns.grace_s, timeout_s=ns.timeout_s,
+                  survivor_wait_s=ns.survivor_wait_s)
   return result.exit_code
 
 
