@@ -456,7 +456,7 @@ def test_load_models_inits_only_what_the_checkpoint_lacks(tmp_path, mode, head_c
   rng = jax.random.key(5)
   params, _, _, _ = train.load_models(method, rng, sharding.make_mesh(1))
 
-  spec = method._specs()["student"]
+  spec = method.specs["student"]
   full = jax.jit(spec.module.init)(jax.random.fold_in(rng, 0),
                                    dummy_images(spec.module))["params"]
   reference, report = ck.merge_pretrained(
