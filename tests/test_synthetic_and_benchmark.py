@@ -2,7 +2,6 @@
 persistent compilation cache, the benchmark's protocol arithmetic, and the PyTorch baseline
 step that the benchmark compares against (the reference's two-scaler, two-backward order)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -14,16 +13,11 @@ import pytest
 
 from idat_jax import data
 from idat_jax.data import vtab
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_files import REPO, load_file
 
 
 def _benchmark_module():
-  spec = importlib.util.spec_from_file_location(
-      "benchmark_script", os.path.join(REPO, "scripts", "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file("scripts/benchmark.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,10 +129,7 @@ def test_benchmark_runs_the_users_recipes():
 
 
 def test_idat_recipe_dtype_and_random_init_arguments():
-  spec = importlib.util.spec_from_file_location(
-      "idat_vtab_cfg", os.path.join(REPO, "configs", "idat_vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_file("configs/idat_vtab.py")
   c = module.get_config("task=dtd")
   assert c.models.student.dtype == c.models.teacher.dtype == "bfloat16"
   assert c.models.student.checkpoint.startswith("pretrained/B_16-i21k")
