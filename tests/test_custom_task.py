@@ -138,6 +138,7 @@ def test_custom_folder_task_sets_up_with_classes_from_the_data(user_task_root, t
   c.progress_bar = False
   s = train.setup(c, str(tmp_path / "run"))
   assert s.method.num_classes == 5  # largest label in the list files + 1
+  assert c.data.num_classes is None  # a data fact of the method, not written to the config
   assert s.steps_per_epoch == 500 // 40
   heads = {k: v.shape for k, v in flatten(jax.device_get(s.state["trainable"])).items()
            if k.endswith("head/kernel")}
