@@ -107,6 +107,7 @@ def test_replaced_image_is_decoded_again_only_that_entry(tmp_path, monkeypatch, 
   assert data.cache_entry_dir(cache_dir, touched, 6) == data.cache_entry_dir(cache_dir, source, 6)
 
 
+@pytest.mark.slow
 def test_stratified_subset_cache_key_is_stable_across_processes(tmp_path):
   import subprocess
   import sys

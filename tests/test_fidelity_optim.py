@@ -128,6 +128,7 @@ def test_decay_mask_on_weco_kd_student_matches_timm_grouping(teacher_npz, rule):
   assert ours[cls] == ours[pos] == (rule == "mae")
 
 
+@pytest.mark.slow
 def test_weco_kd_adamw_step_matches_torch_add_weight_decay(teacher_npz):
   """One accumulated AdamW step of the shipped WeCo+KD config equals torch's on timm groups."""
   torch = pytest.importorskip("torch")

@@ -221,6 +221,7 @@ def _cli(args, cwd):
 # Learning, device counts, resume, restore.
 
 
+@pytest.mark.slow
 def test_digits_idat_learns_with_adapters_and_heads_only(runs, pretrained):
   summary = runs.get("dev8")
   print("iDAT digits 5-9 top-1: best", summary["best_top1"], "last", summary["last_top1"])
@@ -246,6 +247,7 @@ def test_digits_idat_learns_with_adapters_and_heads_only(runs, pretrained):
         np.testing.assert_array_equal(params[f"['{name}']{path}"], value, err_msg=path)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(runs):
   runs.get("dev8")
   runs.get("dev1")
@@ -262,6 +264,7 @@ def test_eight_devices_match_one_device(runs):
   assert worst <= 1e-5
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(runs):
   full, resumed = runs.get("dev8"), runs.get("resumed")
   stopped, stopped_steps, stopped_results_csv = runs.stopped
@@ -280,6 +283,7 @@ def test_kill_and_resume_is_bit_identical(runs):
     np.testing.assert_array_equal(p_resumed[key], p_full[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_eight_devices_evaluates_on_one(runs):
   summary = runs.get("dev8")
   config = runs.config(1, mode="eval")
@@ -294,6 +298,7 @@ def test_checkpoint_from_eight_devices_evaluates_on_one(runs):
 # The CLI.
 
 
+@pytest.mark.slow
 def test_cli_eval_reproduces_reported_accuracy_and_run_files(runs, root, tmp_path):
   summary = runs.get("dev8")
   workdir = runs.workdir("dev8")
@@ -333,6 +338,7 @@ def test_cli_eval_reproduces_reported_accuracy_and_run_files(runs, root, tmp_pat
   assert 0 < float(row["wall_time_s"]) < 3600
 
 
+@pytest.mark.slow
 def test_cli_eval_with_a_config_file_importing_demo_config(runs, config_file, tmp_path):
   summary = runs.get("dev8")
   out = _cli(["--config", f"{config_file}:devices=8", "--workdir", runs.workdir("dev8"),
@@ -342,6 +348,7 @@ def test_cli_eval_with_a_config_file_importing_demo_config(runs, config_file, tm
   assert result["top1"] == result["reported_last_top1"] == summary["last_top1"]
 
 
+@pytest.mark.slow
 def test_cli_unknown_config_key(tmp_path):
   out = _cli(["--config", IDAT_VTAB, "--workdir", str(tmp_path / "run"),
               "--config.optim.lrr=1"], cwd=str(tmp_path))
@@ -350,6 +357,7 @@ def test_cli_unknown_config_key(tmp_path):
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_cli_unknown_task_asks_for_a_recipe(tmp_path):
   # A task name outside the VTAB-1K registry may be a user's folder task: without a recipe
   # (lr, weight decay) the config refuses it in one line, before any work.
@@ -362,6 +370,7 @@ def test_cli_unknown_task_asks_for_a_recipe(tmp_path):
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_cli_missing_pretrained_checkpoint_names_the_path(data_root, tmp_path):
   ckpt_dir = tmp_path / "no_such_dir"
   # The file check runs only after the student's init (see
@@ -420,6 +429,7 @@ def test_batch_not_divisible_by_device_count(data_root, tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
   # Epoch 0 trains at the warmup lr (1e-6); epoch 1 jumps to ~1e30 and the loss blows up.
   config = demo.demo_config("pretrain_small", data_root, seed=SEED, epochs=2)

@@ -16,14 +16,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
 from absl import logging
 
 from idat_jax.data import preprocess
+from idat_jax.fileio import atomic_write
 from idat_jax.data.base import ImageLike, Source
 
 _CHUNK = 256  # images in flight per decode chunk (bounds host memory)
@@ -101,15 +100,8 @@ def _read_entry(path: str, count: int, image_size: int, mmap: bool):
 
 def _save_stamps(entry: str, stamps: np.ndarray) -> None:
   """Written last and renamed into place: stamps only ever describe pixels already on disk."""
-  fd, tmp = tempfile.mkstemp(prefix="stamps.", suffix=".npy", dir=entry)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, stamps)
-    os.replace(tmp, os.path.join(entry, _STAMPS))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_write(os.path.join(entry, _STAMPS)) as tmp:
+    np.save(tmp, stamps)
 
 
 def _refresh_changed(entry: str, source: Source, start: int, stamps: np.ndarray,
@@ -184,10 +176,8 @@ def load_arrays(source: Source, image_size: int, *, rows: tuple[int, int] | None
     decode_into(source, range(start, stop), image_size, images, labels, num_workers,
                 transform=transform)
     return images, labels
-  parent = os.path.dirname(entry)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(entry) + ".tmp-", dir=parent)
-  try:
+  # A concurrent writer that wins the rename made an equivalent entry: keep theirs.
+  with atomic_write(entry, directory=True, accept_existing=lambda _: True) as tmp:
     images = np.lib.format.open_memmap(os.path.join(tmp, "images.npy"), mode="w+",
                                        dtype=np.uint8, shape=shape)
     decode_into(source, range(start, stop), image_size, images, labels, num_workers,
@@ -201,15 +191,6 @@ def load_arrays(source: Source, image_size: int, *, rows: tuple[int, int] | None
       json.dump({"source": source.name, "fingerprint": source.fingerprint(), "count": count,
                  "image_size": image_size, "rows": [start, stop],
                  "transform": transform_key}, f, indent=1)
-    if os.path.isdir(entry):  # an inconsistent entry: replace it
-      shutil.rmtree(entry, ignore_errors=True)
-    try:
-      os.rename(tmp, entry)
-    except OSError:  # another process won the race; its entry is equivalent
-      shutil.rmtree(tmp, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   logging.info("decoded %d images of %s into cache %s", count, source.name, entry)
   cached = _read_entry(entry, count, image_size, mmap)
   if cached is None:

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from idat_jax.fileio import atomic_write
+
 
 def _plain(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray)):
@@ -83,10 +85,9 @@ def drop_rows_after(path: str, step: int) -> int:
       else:
         kept.append(line if line.endswith("\n") else line + "\n")
   if dropped:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
   return dropped
 
 
