@@ -22,7 +22,7 @@ Arguments (``:key=value,...``):
             common setting). The recipe in force and its origin are logged at the start of
             every run (idat_jax.data.vtab.describe_recipe)
   method    idat (default) or a baseline: adapter (gist_seq adapter-tuning alone, no teacher),
-            linear_probe, full, lora, ssf, bitfit
+            head_only (was linear_probe), full, lora, ssf, bitfit
   backend   folder (NOAH/SSF layout under data.root), tfds (prepared TFDS dir) or synthetic
             (random images of the task's real sizes: speed runs without the data)
   loss      mse (released script) or kl (temperature 5, KL(teacher || student), no T^2)
@@ -46,8 +46,10 @@ TEACHER_NPZ = "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz"
 # Per-task (lr, weight decay, drop-path) of the released script (identical to SSF's).
 TASK_HPARAMS = {name: (r.lr, r.weight_decay, r.drop_path)
                 for name, r in vtab.IDAT_RECIPES.items()}
-ALIASES = {"cifar100": "cifar", "flowers102": "oxford_flowers102", "pets": "oxford_iiit_pet"}
-BASELINES = ("adapter", "linear_probe", "full", "lora", "ssf", "bitfit")
+BASELINES = ("adapter", "head_only", "full", "lora", "ssf", "bitfit")
+# 'linear_probe' was the old name of head_only (head-only tuning); it still works, with a
+# deprecation warning from the models layer, and is not the WeCoLoRA linear_probe method.
+DEPRECATED_BASELINES = ("linear_probe",)
 
 
 def _recipe(a) -> tuple[float, float, float, str]:
@@ -107,7 +109,7 @@ def get_config(arg=None):
   if a.method == "idat":
     c.method = "idat"
     c.idat.distill_loss = a.loss
-  elif a.method in BASELINES:
+  elif a.method in BASELINES + DEPRECATED_BASELINES:
     c.method = "supervised"
     c.models.student.tuning.mode = a.adapter if a.method == "adapter" else a.method
   else:

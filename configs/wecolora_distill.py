@@ -1,4 +1,4 @@
-r"""WeCoLoRA distillation (dianagrigore/WeCoLoRA, README command and methods.md B.3-B.7).
+r"""WeCoLoRA distillation (dianagrigore/WeCoLoRA, README command and docs/methods.md sections 5-6).
 
 Teacher ViT-B/16 (supervised ``.npz`` or MAE ``.pth``/``.safetensors``), student = teacher
 blocks 0, r, 2r, ... with LoRA (rank 128, scale 1) on q, k, v, out, fc1, fc2; L1 between the

@@ -1,4 +1,4 @@
-r"""Linear probing of a WeCoLoRA student, its teacher or the WeCo+KD baseline (MAE recipe, B.9).
+r"""Linear probing of a WeCoLoRA student, its teacher or the WeCo+KD baseline (MAE recipe, docs/methods.md section 7).
 
 Frozen backbone -> class token after the final norm -> BatchNorm (no affine) + linear head
 trained with LARS (trust 0.001), lr = 0.1 * 512 / 256, batch 512, 10 warmup epochs, cosine to
@@ -33,6 +33,7 @@ features of the eval transform are cached), epochs, warmup (epochs, 10), teacher
 """
 
 from idat_jax import config_lib
+from idat_jax.data import vtab
 from idat_jax.methods.wecolora import linear_probe_lr
 
 # dataset -> (backend, task, train split, eval split, probe transform, epochs)
@@ -71,6 +72,9 @@ def get_config(arg=None):
   c.data.task = task
   c.data.train_split = train_split
   c.data.eval_split = eval_split
+  if c.data.backend == "folder":
+    # A VTAB-1K folder task (NOAH/SSF layout): the iDAT protocol's splits.
+    c.data.train_split, c.data.eval_split = vtab.DEFAULT_TRAIN_SPLIT, vtab.DEFAULT_EVAL_SPLIT
   if a.dataset == "resisc45":
     # The reference's split: stratified 10% train / 90% test of all images, seed = its --seed.
     c.data.stratified_split = 0.1

@@ -43,7 +43,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def tuning_config(mode: str = "gist_seq_adapter") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       mode=mode,                 # gist_seq_adapter | gist_shared_par_adapter | adaptformer |
-                                 # lora | ssf | bitfit | linear_probe | full
+                                 # lora | ssf | bitfit | head_only | full
       train_head=True,
       adapter_dim=4,
       adapter_scale=FieldRef(None, field_type=float),  # None: 1 (sequential) / 0.1 (parallel)

@@ -147,3 +147,19 @@ def test_custom_folder_task_sets_up_with_classes_from_the_data(user_task_root, t
   lr, min_lr = vtab.CUSTOM_RECIPE.lr, c.optim.min_lr
   expected = min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * 10 / 100))
   assert np.isclose(float(s.schedule(10 * s.steps_per_epoch)), expected, rtol=1e-5)
+
+
+def test_probe_config_reads_the_vtab_folder_layout(user_task_root):
+  """configs/wecolora_linprobe.py on a folder task: the iDAT protocol's splits, no overrides."""
+  from idat_jax.data import inputs
+  spec = importlib.util.spec_from_file_location(
+      "wecolora_linprobe", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                        "wecolora_linprobe.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f"dataset=my_digits,backend=folder,root={user_task_root}")
+  assert (c.data.train_split, c.data.eval_split) == ("train800val200", "test")
+  train_source = inputs.build_source(c, c.data.train_split)
+  eval_source = inputs.build_source(c, c.data.eval_split)
+  assert len(train_source) > 0 and len(eval_source) > 0
+  assert train_source.num_classes == eval_source.num_classes == 5

@@ -1,7 +1,7 @@
 """Optimizers of the reference recipes as optax transformations.
 
 * ``adamw``: torch's AdamW (decoupled decay ``p <- p - lr*wd*p``) with timm's no-decay groups.
-* ``lars``: the MoCo-v3 LARS that MAE's linear probing uses (methods.md B.9). It is not
+* ``lars``: the MoCo-v3 LARS that MAE's linear probing uses (docs/methods.md, section 7). It is not
   ``optax.lars``: MoCo-v3 multiplies the momentum buffer by the LR (``p <- p - lr*mu``), while
   optax.lars accumulates already LR-scaled updates, which differs as soon as the LR changes.
 * ``with_accumulation``: gradient accumulation (mean of micro-batch gradients) via

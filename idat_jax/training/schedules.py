@@ -1,11 +1,11 @@
 """Learning-rate schedules of the reference recipes, as optax schedules (``step -> lr``).
 
-* iDAT (methods.md A.5) uses timm's ``CosineLRScheduler`` stepped once per *epoch*: the LR is
+* iDAT (docs/methods.md, section 4) uses timm's ``CosineLRScheduler`` stepped once per *epoch*: the LR is
   constant within an epoch. ``timm_cosine_epoch_lr`` reproduces timm's arithmetic in float64 for
   one integer epoch; ``per_epoch_schedule`` turns any per-epoch LR list into a jittable step
   schedule with a lookup table. ``timm_cosine_step_schedule`` is the same curve evaluated at the
   fractional epoch ``step / steps_per_epoch`` (a config option, not the reference).
-* WeCoLoRA / MAE (methods.md B.7, B.9) use a per-iteration half-cycle cosine after linear warmup
+* WeCoLoRA / MAE (docs/methods.md, sections 6 and 7) use a per-iteration half-cycle cosine after linear warmup
   (``half_cycle_cosine``).
 
 Every schedule's ``step`` argument is the optimizer-update count that optax passes (with
