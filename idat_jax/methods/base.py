@@ -100,10 +100,6 @@ class Method:
     """The method's models (name -> :class:`ModelSpec`), built once from ``models()``."""
     return self.models()
 
-  def _specs(self) -> dict[str, ModelSpec]:
-    """Deprecated alias of :attr:`specs`, kept until the last caller moves to it."""
-    return self.specs
-
   def loss(self, params: Mapping[str, Params], batch: Batch, rng: jax.Array,
            extra: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
     """Training loss (scalar), metrics to log, and the updated non-parameter state.
