@@ -29,11 +29,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 from idat_jax import sharding
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# Failures this close together are taken as one event, whose cause is chosen by _first_failure.
+FAILURE_WINDOW_S = 1.0
 
 
 def free_port() -> int:
@@ -130,21 +133,40 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
         f"coordinator 127.0.0.1:{port}")
 
   result = Result(returncodes=[None] * num_processes)
+  ended: list[tuple[float, int, int]] = []  # (time, process, exit code), in order of death
+  changed = threading.Event()
+
+  def waiter(i: int, p: subprocess.Popen) -> None:
+    rc = p.wait()
+    with lock:
+      ended.append((time.monotonic(), i, rc))
+    changed.set()
+
+  for i, p in enumerate(procs):
+    threading.Thread(target=waiter, args=(i, p), daemon=True).start()
   deadline = None if timeout_s is None else time.monotonic() + timeout_s
   try:
-    while any(rc is None for rc in result.returncodes):
-      for i, p in enumerate(procs):
-        if result.returncodes[i] is None and (rc := p.poll()) is not None:
-          result.returncodes[i] = rc
-          if rc != 0 and result.failed is None:
-            result.failed = i
-            result.message = f"process {i} (pid {p.pid}) {describe_exit(rc)}"
-      if result.failed is not None:
+    while True:
+      changed.wait(timeout=min(poll_s, FAILURE_WINDOW_S / 4))
+      changed.clear()
+      with lock:
+        deaths = list(ended)
+      for _, i, rc in deaths:
+        result.returncodes[i] = rc
+      first_failure = min((t for t, _, rc in deaths if rc != 0), default=None)
+      settled = (len(deaths) == num_processes or first_failure is not None
+                 and time.monotonic() - first_failure >= FAILURE_WINDOW_S)
+      culprit = _first_failure(deaths) if settled else None
+      if culprit is not None:
+        i = culprit
+        result.failed = i
+        result.message = f"process {i} (pid {procs[i].pid}) {describe_exit(result.returncodes[i])}"
+        break
+      if len(deaths) == num_processes:
         break
       if deadline is not None and time.monotonic() > deadline:
         result.message = f"timed out after {timeout_s:g} s"
         break
-      time.sleep(poll_s)
   except KeyboardInterrupt:
     result.message = "interrupted"
   finally:
@@ -169,6 +191,22 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
   else:
     say(f"FAILED: {result.message}; exit codes {result.returncodes}")
   return result
+
+
+def _first_failure(deaths: list[tuple[float, int, int]],
+                   window_s: float = FAILURE_WINDOW_S) -> int | None:
+  """The process whose failure came first. Peers of a dead JAX process abort (SIGABRT) once
+  they notice, often within milliseconds, so among failures less than ``window_s`` apart one
+  that is not a SIGABRT is taken as the cause."""
+  failures = [(t, i, rc) for t, i, rc in deaths if rc != 0]
+  if not failures:
+    return None
+  first = min(t for t, _, _ in failures)
+  close = sorted((t, i, rc) for t, i, rc in failures if t - first < window_s)
+  for _, i, rc in close:
+    if rc != -signal.SIGABRT:
+      return i
+  return close[0][1]
 
 
 def _wait_all(procs: list[subprocess.Popen], result: Result, wait_s: float,

@@ -7,12 +7,14 @@ parameters and optimizer state are replicated.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -24,16 +26,16 @@ ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
-DISTRIBUTED_DEFAULTS = dict(
-    enabled=False,
-    coordinator_address="",
-    num_processes=0,
-    process_id=-1,
-    initialization_timeout_s=300,
-    heartbeat_timeout_s=60,
-    shutdown_timeout_s=60,
-    cpu_collectives="gloo",
-)
+DISTRIBUTED_DEFAULTS = {
+    "enabled": False,
+    "coordinator_address": "",
+    "num_processes": 0,
+    "process_id": -1,
+    "initialization_timeout_s": 300,
+    "heartbeat_timeout_s": 60,
+    "shutdown_timeout_s": 60,
+    "cpu_collectives": "gloo",
+}
 
 
 def _distributed_options(config: Any) -> dict[str, Any]:
@@ -82,12 +84,13 @@ def distributed_arguments(config: Any) -> dict[str, Any] | None:
   for key in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
     if o[key] <= 0:
       raise ValueError(f"config.distributed.{key} must be > 0 seconds, got {o[key]}")
-  return dict(
-      coordinator_address=o["coordinator_address"] or os.environ.get(ENV_COORDINATOR) or None,
-      num_processes=num_processes, process_id=process_id,
-      initialization_timeout=int(o["initialization_timeout_s"]),
-      heartbeat_timeout_seconds=int(o["heartbeat_timeout_s"]),
-      shutdown_timeout_seconds=int(o["shutdown_timeout_s"]))
+  return {
+      "coordinator_address": (o["coordinator_address"] or os.environ.get(ENV_COORDINATOR)
+                              or None),
+      "num_processes": num_processes, "process_id": process_id,
+      "initialization_timeout": int(o["initialization_timeout_s"]),
+      "heartbeat_timeout_seconds": int(o["heartbeat_timeout_s"]),
+      "shutdown_timeout_seconds": int(o["shutdown_timeout_s"])}
 
 
 def initialize_distributed(config: Any) -> None:

@@ -26,13 +26,13 @@ import time
 
 import numpy as np
 import pytest
+from vit_testing import random_params
 
 from idat_jax import checkpoints as ck
 from idat_jax import launch, sharding, train
 from idat_jax.models import build_vit
-from idat_jax.tree_util import flatten
 from idat_jax.training.checkpointing import read_run_checkpoint
-from vit_testing import random_params
+from idat_jax.tree_util import flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, DEVICES = 2, 4
@@ -40,7 +40,7 @@ LOSS_RTOL = 1e-6
 PARAM_RTOL = 1e-6
 KILL_DEADLINE_S = 60.0
 METHODS = ("idat", "supervised", "wecolora", "linear_probe")
-ARCH = dict(width=32, num_heads=2, mlp_dim=64, patch_size=4)
+ARCH = {"width": 32, "num_heads": 2, "mlp_dim": 64, "patch_size": 4}
 IMAGE_SIZE = 16
 TEACHER_DEPTH = 4  # WeCoLoRA teacher; the r=2 student keeps blocks 0 and 2
 
@@ -128,9 +128,10 @@ app.run(main.main)
 def _write_image_folder(root):
   """``<root>/{train,val}/class<d>/<i>.png``: 1200 training digits and the 597 others."""
   from PIL import Image
+
   from idat_jax.data.digits import digits_uint8
   images, labels = digits_uint8()
-  for split, indices in (("train", range(0, 1200)), ("val", range(1200, len(labels)))):
+  for split, indices in (("train", range(1200)), ("val", range(1200, len(labels)))):
     for i in indices:
       d = os.path.join(root, split, f"class{labels[i]}")
       os.makedirs(d, exist_ok=True)
@@ -159,18 +160,23 @@ def _launch(env, config_arg, workdir, *extra, timeout=300):
   proc = subprocess.run(
       _launcher_cmd(_main_args(env, config_arg, workdir, *extra)),
       env=_env(env["root"], os.path.join(workdir + ".reads")), capture_output=True, text=True,
-      timeout=timeout, cwd=REPO)
+      timeout=timeout, cwd=REPO, check=False)
   return proc.returncode, proc.stdout + proc.stderr
 
 
 def _start(env, config_arg, workdir, *extra, launcher_args=()):
-  """The launcher in its own session (so the test can kill it with all its processes)."""
-  log = open(workdir + ".log", "w", encoding="utf-8")
-  proc = subprocess.Popen(
-      _launcher_cmd(_main_args(env, config_arg, workdir, *extra), launcher_args=launcher_args),
-      env=_env(env["root"], workdir + ".reads"), stdout=log, stderr=subprocess.STDOUT,
-      start_new_session=True, cwd=REPO)
-  return proc, log
+  """The launcher in its own session (so the test can kill it with all its processes); its
+  output goes to ``<workdir>.log`` (the child keeps its own handle of the file)."""
+  with open(workdir + ".log", "w", encoding="utf-8") as log:
+    return subprocess.Popen(
+        _launcher_cmd(_main_args(env, config_arg, workdir, *extra), launcher_args=launcher_args),
+        env=_env(env["root"], workdir + ".reads"), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, cwd=REPO)
+
+
+def _read(path):
+  with open(path, encoding="utf-8") as f:
+    return f.read()
 
 
 def _summary(output):
@@ -219,7 +225,7 @@ def _wait_for_checkpoint(proc, workdir, timeout=240):
   while time.monotonic() < end:
     if _committed_steps(workdir):
       return _committed_steps(workdir)[0]
-    assert proc.poll() is None, open(workdir + ".log").read()[-3000:]
+    assert proc.poll() is None, _read(workdir + ".log")[-3000:]
     time.sleep(0.1)
   raise AssertionError(f"no checkpoint in {workdir} after {timeout} s")
 
@@ -255,7 +261,7 @@ def env(tmp_path_factory):
                                arch=ARCH, image_size=IMAGE_SIZE, teacher_depth=TEACHER_DEPTH))
   with open(os.path.join(root, "read_log_main.py"), "w", encoding="utf-8") as f:
     f.write(READ_LOG_MAIN)
-  return dict(root=root, config=config, folder_root=folder_root, image_root=image_root)
+  return {"root": root, "config": config, "folder_root": folder_root, "image_root": image_root}
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +282,7 @@ def runs(env):
       summary_one = train.train_and_evaluate(_config(env, arg), one)
       print(f"\n[multihost] {method}: 2x{DEVICES} run {t_two:.1f} s, 1x8 run "
             f"{time.time() - t0:.1f} s")
-      cache[method] = dict(two=(two, _summary(out), out), one=(one, summary_one))
+      cache[method] = {"two": (two, _summary(out), out), "one": (one, summary_one)}
     return cache[method]
 
   return get
@@ -304,7 +310,7 @@ def test_distributed_arguments_from_config_and_environment(monkeypatch):
   assert (got["coordinator_address"], got["num_processes"], got["process_id"]) == \
       ("10.0.0.1:1234", 4, 3)
   assert got["heartbeat_timeout_seconds"] == c.distributed.heartbeat_timeout_s
-  c.distributed.update(dict(coordinator_address="h:1", num_processes=2, process_id=1))
+  c.distributed.update({"coordinator_address": "h:1", "num_processes": 2, "process_id": 1})
   got = sharding.distributed_arguments(c.distributed)  # config keys win over the environment
   assert (got["coordinator_address"], got["num_processes"], got["process_id"]) == ("h:1", 2, 1)
   c.distributed.process_id = 2
@@ -320,11 +326,12 @@ def test_launcher_names_the_failed_process_and_stops_the_others(tmp_path):
       "if os.environ['JAX_PROCESS_ID'] == '1':\n"
       "  print('process 1 fails', flush=True); sys.exit(3)\n"
       "print('devices', os.environ['XLA_FLAGS'], flush=True); time.sleep(600)\n")
-  env = dict(os.environ, PYTHONPATH=str(tmp_path))
+  env = {**os.environ, "PYTHONPATH": str(tmp_path)}
   t0 = time.time()
   proc = subprocess.run(
       [sys.executable, "-m", "idat_jax.launch", "-n", "2", "-d", "3", "--module", "victim",
-       "--grace_s", "2"], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+       "--grace_s", "2"], env=env, capture_output=True, text=True, timeout=60, cwd=REPO,
+      check=False)
   assert time.time() - t0 < 30
   assert proc.returncode == 3, proc.stdout
   assert "[p1] process 1 fails" in proc.stdout
@@ -420,13 +427,12 @@ def test_checkpoints_restore_across_process_counts(env, runs):
 def test_kill_both_and_resume_is_bit_identical(env, runs):
   two, summary, _ = runs("idat")["two"]
   workdir = os.path.join(env["root"], "idat_killed")
-  proc, log = _start(env, "method=idat", workdir)
+  proc = _start(env, "method=idat", workdir)
   try:
     first = _wait_for_checkpoint(proc, workdir)
+  finally:
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes, at once
     proc.wait(timeout=30)
-  finally:
-    log.close()
   assert not os.path.exists(os.path.join(workdir, "results.csv")), "killed after the end"
   rc, out = _launch(env, "method=idat", workdir)
   assert rc == 0, out[-5000:]
@@ -448,12 +454,12 @@ def test_sigkill_one_process_fails_the_launch_fast(env, runs):
   """Process 1 is SIGKILLed after a checkpoint. The launcher lets the survivor end by itself
   (the JAX heartbeat, 10 s here), then fails naming process 1, well within a minute."""
   workdir = os.path.join(env["root"], "idat_one_killed")
-  proc, log = _start(env, "method=idat,epochs=30", workdir,
+  proc = _start(env, "method=idat,epochs=30", workdir,
                      "--config.distributed.heartbeat_timeout_s=10",
                      launcher_args=("--survivor_wait_s", "40"))
   try:
     _wait_for_checkpoint(proc, workdir)
-    output = open(workdir + ".log", encoding="utf-8").read()
+    output = _read(workdir + ".log")
     pid = int(re.search(r"process 1/2 pid (\d+)", output).group(1))
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -462,8 +468,7 @@ def test_sigkill_one_process_fails_the_launch_fast(env, runs):
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-  output = open(workdir + ".log", encoding="utf-8").read()
+  output = _read(workdir + ".log")
   print(f"[multihost] launcher exited {rc} {elapsed:.1f} s after SIGKILL of process 1")
   assert rc == 128 + signal.SIGKILL and elapsed < KILL_DEADLINE_S
   assert re.search(rf"FAILED: process 1 \(pid {pid}\) killed by SIGKILL", output), output[-3000:]
@@ -495,9 +500,19 @@ def test_tfds_label_scan_is_split_over_processes(count):
   np.testing.assert_array_equal(assemble_shares(shares, count), 100 + np.arange(count))
 
 
+def test_launcher_blames_the_first_non_abort_failure():
+  """Peers of a dead JAX process abort (SIGABRT) right after it: they are not the cause."""
+  first = launch._first_failure  # pylint: disable=protected-access
+  assert first([(0.0, 0, 0), (1.0, 1, 0)]) is None
+  assert first([(0.00, 0, -signal.SIGABRT), (0.05, 1, -signal.SIGKILL)]) == 1
+  assert first([(0.0, 1, 1), (0.3, 0, -signal.SIGABRT)]) == 1
+  assert first([(0.0, 0, -signal.SIGABRT), (2.0, 1, -signal.SIGKILL)]) == 0  # apart: order
+  assert first([(0.0, 1, -signal.SIGABRT), (0.1, 0, -signal.SIGABRT)]) == 1
+
+
 def test_launch_local_script_usage():
   proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "launch_local.sh")],
-                        capture_output=True, text=True, timeout=30)
+                        capture_output=True, text=True, timeout=30, check=False)
   assert proc.returncode == 2 and "usage" in proc.stderr
   assert launch.Result([0, 0]).exit_code == 0
   assert launch.Result([0, -9], failed=1).exit_code == 128 + 9

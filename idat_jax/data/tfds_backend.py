@@ -14,7 +14,8 @@ import importlib.util
 import io
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -22,7 +23,13 @@ from absl import logging
 from PIL import Image
 
 from idat_jax.data import vtab
-from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, process_range
+from idat_jax.data.base import (
+  DataError,
+  DataNotPreparedError,
+  ImageLike,
+  Source,
+  process_range,
+)
 from idat_jax.data.image_folder import DEFAULT_FEW_SHOT_SEED, few_shot_select
 
 
