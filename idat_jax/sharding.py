@@ -116,6 +116,15 @@ def initialize_distributed(config: Any) -> None:
       jax.device_count(), jax.devices()[0].platform)
 
 
+def process_tag() -> str:
+  """``'-p<i>'`` in a multi-process run, else ``''``: for files every process writes into
+  the same shared directory (e.g. error logs), so processes never overwrite each other's.
+  Safe to call at any time (before initialization it is '' and starts no backend)."""
+  if not jax.distributed.is_initialized():
+    return ""
+  return f"-p{jax.process_index()}"
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D ``data`` mesh over all devices (or the first ``num_devices``, for tests)."""
   devices = jax.devices()

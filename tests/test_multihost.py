@@ -316,6 +316,7 @@ def test_distributed_arguments_from_config_and_environment(monkeypatch):
   c.distributed.process_id = 2
   with pytest.raises(ValueError, match="process_id=2"):
     sharding.distributed_arguments(c)
+  assert sharding.process_tag() == ""  # a single process: no suffix on shared file names
 
 
 def test_launcher_names_the_failed_process_and_stops_the_others(tmp_path):
