@@ -150,8 +150,8 @@ def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int, total_e
   ``accum_steps``); ``micro_batches_per_epoch`` is the loader's full length before the
   leftover micro-batches are dropped (default: ``steps_per_epoch``). With accumulation the
   WeCoLoRA/MAE reference sets the LR at the first micro-batch of each window, at
-  ``epoch + it / len(loader)`` (docs/methods.md, section 6); ``half_cycle_cosine`` maps optimizer step
-  ``k`` of an epoch to ``it = k * accum_steps`` over that full length.
+  ``epoch + it / len(loader)`` (docs/methods.md, section 6); ``half_cycle_cosine`` maps
+  optimizer step ``k`` of an epoch to ``it = k * accum_steps`` over that full length.
   """
   accum = ocfg.accum_steps
   if accum < 1:

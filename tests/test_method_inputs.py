@@ -16,8 +16,7 @@ import pytest
 from idat_jax import config_lib, train
 from idat_jax.data import ArraySource, features, inputs
 from idat_jax.data.resident import put_resident_train
-from idat_jax.methods import Method, ModelSpec, register
-from idat_jax.methods import losses
+from idat_jax.methods import Method, ModelSpec, losses, register
 
 DIM, CLASSES, TRAIN, TEST = 8, 3, 48, 20
 

@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-
 from jax.sharding import Mesh
 
 from idat_jax import checkpoints as ckpt_io
