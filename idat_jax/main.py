@@ -40,7 +40,10 @@ def _traceback_file(workdir: str | None) -> str:
   stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
   if workdir and "://" not in workdir:
     try:
-      path = os.path.join(workdir, "logs", f"error-{stamp}.log")
+      # One file per process on multi-host runs (they share the work dir).
+      sharding = sys.modules.get("idat_jax.sharding")  # not imported by --helpfull
+      tag = sharding.process_tag() if sharding is not None else ""
+      path = os.path.join(workdir, "logs", f"error-{stamp}{tag}.log")
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, "a", encoding="utf-8"):
         pass

@@ -341,11 +341,7 @@ def test_launcher_names_the_failed_process_and_stops_the_others(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(
-        strict=True, reason="data/features.extract gathers cached features in a "
-        "process-interleaved order (fix proposed in the multi-host report)"))
-    if m == "linear_probe" else m for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 def test_two_processes_match_one(runs, method):
   r = runs(method)
   two, summary_two, _ = r["two"]

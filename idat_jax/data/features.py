@@ -21,32 +21,57 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from idat_jax import sharding as shd
 from idat_jax.data import inputs
-from idat_jax.data.base import Source
+from idat_jax.data.base import Source, process_range
 from idat_jax.data.host_batches import EvalIterator
 from idat_jax.data.resident import put_resident_train
 
 
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in the order of its local data."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def extract(feature_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
             batches: EvalIterator, normalize: Callable) -> tuple[np.ndarray, np.ndarray]:
-  """(features, labels) of every example of ``batches``, on the host of every process.
+  """(features, labels) of every example of ``batches`` in source order, on every process.
 
   ``feature_fn(params, images)``; params are an argument (not baked into the compiled code).
+  Each process keeps the rows of its own (contiguous) share, and the shares are gathered once
+  at the end in process order: the order does not depend on the number of processes, and the
+  resident train set's batches (so the whole probe run) depend on it.
   """
   fn = jax.jit(lambda p, b: (feature_fn(p, normalize(b["image"])), b["label"], b["mask"]))
   feats, labels = [], []
   for batch in batches:
-    f, y, m = fn(params, batch)
-    if jax.process_count() > 1:
-      f, y, m = multihost_utils.process_allgather((f, y, m), tiled=True)
-    else:
-      f, y, m = jax.device_get((f, y, m))
-    feats.append(np.asarray(f)[m])
-    labels.append(np.asarray(y)[m])
+    f, y, m = (_local_rows(a) for a in fn(params, batch))
+    feats.append(f[m])
+    labels.append(y[m])
   feats, labels = np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+  if jax.process_count() > 1:
+    feats, labels = _gather_shares(feats, labels, batches.num_examples)
   if feats.shape[0] != batches.num_examples:
     raise RuntimeError(f"feature extraction covered {feats.shape[0]} of "
                        f"{batches.num_examples} examples")
   return feats, labels
+
+
+def _gather_shares(feats: np.ndarray, labels: np.ndarray,
+                   num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every process's share (``process_range``), concatenated in process order."""
+  count = jax.process_count()
+  sizes = [stop - start for start, stop in
+           (process_range(num_examples, p, count) for p in range(count))]
+  if feats.shape[0] != sizes[jax.process_index()]:
+    raise RuntimeError(f"process {jax.process_index()} extracted {feats.shape[0]} features, "
+                       f"its share is {sizes[jax.process_index()]}")
+  width = max(sizes)
+  pad = width - feats.shape[0]
+  feats = np.concatenate([feats, np.zeros((pad,) + feats.shape[1:], feats.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+  all_feats, all_labels = multihost_utils.process_allgather((feats, labels))
+  return (np.concatenate([all_feats[p, :n] for p, n in enumerate(sizes)]),
+          np.concatenate([all_labels[p, :n] for p, n in enumerate(sizes)]))
 
 
 @dataclasses.dataclass
