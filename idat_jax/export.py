@@ -76,9 +76,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _read_checkpoint(workdir: str, step: int | None) -> tuple[dict[str, Any], dict[str, Any],
                                                               int]:
-  from idat_jax.training.checkpointing import read_run_checkpoint
   directory = os.path.join(workdir, "checkpoints")
-  state, meta = read_run_checkpoint(directory, step)
+  state, meta = ckpt_io.read_run_checkpoint(directory, step)
   return state, meta, int(np.asarray(state["step"]))
 
 

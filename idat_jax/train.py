@@ -456,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   t_start = time.time()
   config_lib.validate(config)
-  current = wd.trajectory_config(config)  # before setup() fills in facts from the data
+  current = wd.trajectory_config(config)  # the config as given (what a resume must repeat)
   with workdir_lock(workdir):
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     try:

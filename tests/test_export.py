@@ -201,7 +201,7 @@ def test_lora_export_merged_is_a_plain_vit_timm_reproduces(lora_run, root, test_
 
 
 def test_peft_only_holds_exactly_the_trained_parameters(lora_run, idat_run, root):
-  from idat_jax.training.checkpointing import read_run_checkpoint
+  from idat_jax.checkpoints import read_run_checkpoint
   for config, workdir, _ in (lora_run, idat_run):
     out = str(root / "exported" / f"{config.method}_peft.npz")
     paths = export.export_run(workdir, out, peft_only=True)
@@ -254,7 +254,7 @@ def test_probe_export_is_a_plain_vit_classifier(root, test_split):
 
 def test_export_of_an_earlier_step(idat_run, root):
   _, workdir, _ = idat_run
-  from idat_jax.training.checkpointing import read_run_checkpoint
+  from idat_jax.checkpoints import read_run_checkpoint
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert len(steps) >= 2
   out = str(root / "exported" / "early.npz")

@@ -12,7 +12,7 @@ layer, never one at its own layer or above (every import counts, also the ones i
 3. ``models``: the Flax ViT and its PEFT options.
 4. ``methods``: what a method computes (models, losses, its inputs), built on models and weights.
 5. ``training``: the trainer's parts (trainable rules, optimizers, schedules, checkpointer,
-   metrics, feature cache), which may use methods but not the reverse.
+   work-dir lock, metrics), which may use methods but not the reverse.
 6. ``train``: the generic trainer.
 7. ``main``, ``demo``, ``launch``, ``export``: programs.
 

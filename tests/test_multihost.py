@@ -31,7 +31,7 @@ from vit_testing import random_params
 from idat_jax import checkpoints as ck
 from idat_jax import launch, sharding, train
 from idat_jax.models import build_vit
-from idat_jax.training.checkpointing import read_run_checkpoint
+from idat_jax.checkpoints import read_run_checkpoint
 from idat_jax.tree_util import flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""WeCoLoRA end to end (issue 5; methods.md B.3-B.9): weight copy, LoRA distillation, probing.
+"""WeCoLoRA end to end (issue 5; docs/methods.md sections 5-7): weight copy, LoRA distillation, probing.
 
 * The LoRA student at init computes exactly the weight-copied model (r = 2, 3).
 * One and two distillation steps against a PyTorch re-expression of the reference step.
@@ -14,7 +14,6 @@ torch and timm are required (imported at module level): a missing one fails this
 """
 
 import copy
-import functools
 import importlib.util
 import json
 import math
@@ -27,9 +26,7 @@ import numpy as np
 import optax
 import pytest
 # A missing torch or timm must fail this file (collection error), not skip it.
-import timm.models.vision_transformer as timm_vit
 import torch
-from torch import nn
 
 from idat_jax import checkpoints as ck
 from idat_jax import config_lib
@@ -40,7 +37,9 @@ from idat_jax.methods import build_method
 from idat_jax.methods.wecolora import load_distilled_student, segment_ends
 from idat_jax.models import LORA_TARGETS, build_vit
 from idat_jax.training import trainable as tr
-from idat_jax.training.checkpointing import read_run_checkpoint
+from idat_jax.tree_util import flatten, unflatten
+from idat_jax.checkpoints import read_run_checkpoint
+import torch_reference as tref
 from vit_testing import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +85,7 @@ def _probe_config(teacher_npz, student_run, *, reduction=2, arch=ARCH, image_siz
 
 
 def _flat_np(tree):
-  return {k: np.array(v) for k, v in tr.flatten(jax.device_get(tree)).items()}
+  return {k: np.array(v) for k, v in flatten(jax.device_get(tree)).items()}
 
 
 def _rel(a, b):
@@ -113,8 +112,8 @@ def _load_student(method):
   teacher = ck.load_params(teacher_spec.checkpoint)
   shapes = jax.eval_shape(teacher_spec.module.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
-  assert {k: v.shape for k, v in tr.flatten(shapes["params"]).items()} == \
-      {k: v.shape for k, v in tr.flatten(teacher).items()}
+  assert {k: v.shape for k, v in flatten(shapes["params"]).items()} == \
+      {k: v.shape for k, v in flatten(teacher).items()}
   params["teacher"] = teacher
   masks["teacher"] = tr.trainable_mask(teacher, teacher_spec.trainable)
   return jax.device_get(params), masks, counts
@@ -151,7 +150,7 @@ def _images(n, seed, size=IMAGE_SIZE):
 def test_lora_student_at_init_is_the_copied_model(weco, teacher_npz, reduction, kept):
   method, params, masks, counts = weco(reduction)
   student = params["student"]
-  flat = tr.flatten(student)
+  flat = flatten(student)
   depth = len(kept)
   assert method.student_blocks == depth
   # LoRA on the six projections of every kept block: A ~ U(+-1/sqrt(fan_in)), B = 0; only
@@ -165,14 +164,14 @@ def test_lora_student_at_init_is_the_copied_model(weco, teacher_npz, reduction, 
       fan_in = ARCH["mlp_dim"] if "Dense_1" in name else ARCH["width"]
       bound = 1 / math.sqrt(fan_in)
       assert np.max(np.abs(value)) <= bound and np.max(np.abs(value)) > 0.5 * bound, name
-  assert {k for k, v in tr.flatten(masks["student"]).items() if v} == set(lora)
+  assert {k for k, v in flatten(masks["student"]).items() if v} == set(lora)
   assert counts["student"][0] == sum(v.size for v in lora.values())
-  assert not any(tr.flatten(masks["teacher"]).values())
+  assert not any(flatten(masks["teacher"]).values())
 
   # The plain ViT with copy_blocks(teacher, r): same features, bit for bit.
   teacher = ck.load_params(teacher_npz)
   copied = ck.copy_blocks(teacher, reduction)
-  for k, v in tr.flatten(copied).items():
+  for k, v in flatten(copied).items():
     np.testing.assert_array_equal(flat[k], v, err_msg=k)
   plain = build_vit(None, 0, image_size=IMAGE_SIZE, **dict(ARCH, depth=depth))
   images = jnp.asarray(_images(4, seed=1))
@@ -187,7 +186,7 @@ def test_lora_student_at_init_is_the_copied_model(weco, teacher_npz, reduction, 
 # ---------------------------------------------------------------------------------------------
 # 2. One and two distillation steps against a PyTorch re-expression of the reference step.
 #
-# Reference (methods.md B.4, B.5, B.7): timm blocks; the student is a deepcopy of the teacher
+# Reference (docs/methods.md sections 5-6): timm blocks; the student is a deepcopy of the teacher
 # with ``blocks[::r]``; LoRA on q, k, v (separate A, B pairs added to the fused qkv output
 # slices), attn.proj, mlp.fc1 and mlp.fc2 (``y = W x + b + B(A x)``, no scale); everything but
 # the LoRA matrices frozen; L1 between the last block outputs before the final norm over all
@@ -202,57 +201,7 @@ def test_lora_student_at_init_is_the_copied_model(weco, teacher_npz, reduction, 
 # without them). Those entries are counted (<= 1 %), bounded by the step size, and left out of
 # the norm criterion.
 
-class LoraQKV(nn.Module):
-  """The reference's qkv wrapper: ``qkv(x)`` plus B_q A_q x, B_k A_k x, B_v A_v x in its slices."""
-
-  def __init__(self, qkv, dim, rank):
-    super().__init__()
-    self.qkv, self.dim = qkv, dim
-    self.a_q, self.b_q = nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim, bias=False)
-    self.a_k, self.b_k = nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim, bias=False)
-    self.a_v, self.b_v = nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim, bias=False)
-
-  def forward(self, x):
-    qkv = self.qkv(x)  # (B, N, 3D): q | k | v, each head-major.
-    qkv[:, :, :self.dim] += self.b_q(self.a_q(x))
-    qkv[:, :, self.dim:-self.dim] += self.b_k(self.a_k(x))
-    qkv[:, :, -self.dim:] += self.b_v(self.a_v(x))
-    return qkv
-
-
-class LoraLinear(nn.Module):
-  """``W x + b + B(A x)`` around a frozen ``nn.Linear``."""
-
-  def __init__(self, base, rank):
-    super().__init__()
-    self.base = base
-    self.a = nn.Linear(base.in_features, rank, bias=False)
-    self.b = nn.Linear(rank, base.out_features, bias=False)
-
-  def forward(self, x):
-    return self.base(x) + self.b(self.a(x))
-
-
-ATTN = "MultiHeadDotProductAttention_1"
-# Our LoRA scope -> (torch module path inside a wrapped block, A attr, B attr).
-TORCH_LORA = {
-    f"{ATTN}/query": ("attn.qkv", "a_q", "b_q"),
-    f"{ATTN}/key": ("attn.qkv", "a_k", "b_k"),
-    f"{ATTN}/value": ("attn.qkv", "a_v", "b_v"),
-    f"{ATTN}/out": ("attn.proj", "a", "b"),
-    "MlpBlock_3/Dense_0": ("mlp.fc1", "a", "b"),
-    "MlpBlock_3/Dense_1": ("mlp.fc2", "a", "b"),
-}
-
-
-def _timm_vit(arch):
-  return timm_vit.VisionTransformer(
-      img_size=IMAGE_SIZE, patch_size=arch["patch_size"], in_chans=3, num_classes=0,
-      global_pool="token", embed_dim=arch["width"], depth=arch["depth"],
-      num_heads=arch["num_heads"], mlp_ratio=arch["mlp_dim"] / arch["width"], qkv_bias=True,
-      class_token=True, fc_norm=False, drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0,
-      attn_drop_rate=0.0, drop_path_rate=0.0,
-      norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU).eval()
+ATTN = tref.ATTN
 
 
 def _lora_to_torch(name, leaf):
@@ -272,19 +221,10 @@ def _torch_to_lora(weight, like):
 
 def _build_torch(teacher_npz, reduction, lora_flat, rank):
   """Teacher from our npz via timm's loader; student = deepcopy with blocks[::r] + LoRA."""
-  teacher = _timm_vit(ARCH)
-  timm_vit._load_weights(teacher, teacher_npz)
-  student = copy.deepcopy(teacher)
-  student.blocks = student.blocks[::reduction]
-  for p in list(teacher.parameters()) + list(student.parameters()):
-    p.requires_grad_(False)
-  d = ARCH["width"]
-  for blk in student.blocks:
-    blk.attn.qkv = LoraQKV(blk.attn.qkv, d, rank)
-    blk.attn.proj = LoraLinear(blk.attn.proj, rank)
-    blk.mlp.fc1 = LoraLinear(blk.mlp.fc1, rank)
-    blk.mlp.fc2 = LoraLinear(blk.mlp.fc2, rank)
-  lora = _torch_lora_params(student)
+  teacher = tref.load_npz(tref.timm_vit(**ARCH, image_size=IMAGE_SIZE, num_classes=0).eval(),
+                          teacher_npz)
+  student = tref.weco_student(teacher, reduction, rank)
+  lora = tref.lora_parameters(student)
   assert set(lora) == set(lora_flat)
   with torch.no_grad():
     for name, prm in lora.items():
@@ -294,32 +234,11 @@ def _build_torch(teacher_npz, reduction, lora_flat, rank):
   return teacher, student
 
 
-def _torch_lora_params(student):
-  """Our LoRA leaf name -> the torch parameter holding it."""
-  out = {}
-  for i, blk in enumerate(student.blocks):
-    for scope, (path, a, b) in TORCH_LORA.items():
-      module = blk.get_submodule(path)
-      prefix = f"Transformer/encoderblock_{i}/{scope}/lora/"
-      out[prefix + "a"] = getattr(module, a).weight
-      out[prefix + "b"] = getattr(module, b).weight
-  return out
-
-
-def _pre_norm_features(model, x):
-  """timm's ``forward_features`` without the final norm."""
-  x = model.patch_embed(x)
-  x = model._pos_embed(x)
-  x = model.patch_drop(x)
-  x = model.norm_pre(x)
-  return model.blocks(x)
-
-
 def _torch_steps(teacher_npz, reduction, lora_flat, batches, rank=RANK):
   """Reference steps: losses, LoRA matrices after each step (our layout), and per step the
   cumulative mask of entries that went through Adam's eps regime (see above)."""
   teacher, student = _build_torch(teacher_npz, reduction, lora_flat, rank)
-  params = _torch_lora_params(student)
+  params = tref.lora_parameters(student)
   opt = torch.optim.AdamW(list(params.values()), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                           weight_decay=0.05, amsgrad=False)
   losses, after, eps_regime = [], [], []
@@ -328,8 +247,8 @@ def _torch_steps(teacher_npz, reduction, lora_flat, batches, rank=RANK):
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # NHWC -> NCHW
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-      feat_t = _pre_norm_features(teacher, x)
-    feat_s = _pre_norm_features(student, x)
+      feat_t = tref.block_features(teacher, x)
+    feat_s = tref.block_features(student, x)
     loss = (feat_t - feat_s).abs().mean()
     loss.backward()
     opt.step()
@@ -345,9 +264,9 @@ def _torch_steps(teacher_npz, reduction, lora_flat, batches, rank=RANK):
 
 def _jax_state(method, params, masks, config, lora_override=None):
   if lora_override is not None:
-    student = tr.flatten(params["student"])
+    student = flatten(params["student"])
     student.update(lora_override)
-    params = dict(params, student=tr.unflatten(student))
+    params = dict(params, student=unflatten(student))
   trainable, frozen = tr.partition(params, masks)
   schedule = optax.constant_schedule(config.optim.lr)
   tx = train.make_optimizer(config.optim, schedule, trainable)
@@ -371,11 +290,12 @@ def _random_b(lora_flat, seed):
           for k, v in lora_flat.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b_init", ["zero", "random"])
 def test_distillation_steps_match_torch_reference(weco, teacher_npz, jax_update, b_init):
   method, params, masks, _ = weco(2)
   update, tx = jax_update
-  lora = {k: v for k, v in tr.flatten(params["student"]).items() if "/lora/" in k}
+  lora = {k: v for k, v in flatten(params["student"]).items() if "/lora/" in k}
   if b_init == "random":
     lora = _random_b(lora, seed=3)
   batches = [_images(BATCH, seed=10 + i) for i in range(2)]
@@ -422,7 +342,7 @@ def test_accumulation_of_8_micro_batches_equals_one_step(weco, jax_update):
   The mean of equal-sized micro-batch mean losses is the concatenated mean loss."""
   method, params, masks, _ = weco(2)
   update1, tx1 = jax_update
-  lora = _random_b({k: v for k, v in tr.flatten(params["student"]).items() if "/lora/" in k},
+  lora = _random_b({k: v for k, v in flatten(params["student"]).items() if "/lora/" in k},
                    seed=5)
   config8 = _weco_config(method.config.models.teacher.checkpoint, 2, accum_steps=8)
   method8 = build_method(config8)
@@ -565,6 +485,7 @@ def digits(tmp_path_factory):
               distill_config=distill_config, distill_dir=distill_dir, summary=summary)
 
 
+@pytest.mark.slow
 def test_digits_distillation_loss_falls(digits):
   rows = [json.loads(line) for line in open(os.path.join(digits["distill_dir"], "metrics.jsonl"))]
   losses = [r["loss"] for r in rows if "loss" in r]
@@ -598,27 +519,29 @@ def probes(digits):
   return out
 
 
+@pytest.mark.slow
 def test_digits_probe_distilled_beats_copied(probes):
   assert probes["distilled"] >= probes["copied"] + PROBE_MARGIN
   # What distillation chases: the teacher's own features probe better than the copy's.
   assert probes["teacher"] >= probes["copied"] + PROBE_MARGIN
 
 
+@pytest.mark.slow
 def test_merged_export_reproduces_the_lora_student(digits):
   """``finalize`` wrote student_merged.npz; ``load_params`` + a plain ViT of the student's depth
   compute the LoRA student's features (the distilled LoRA from the run's checkpoint)."""
   path = os.path.join(digits["distill_dir"], "student_merged.npz")
   assert digits["summary"]["student_npz"] == path and os.path.exists(path)
   merged = ck.load_params(path)
-  assert not any("/lora/" in k for k in tr.flatten(merged))
+  assert not any("/lora/" in k for k in flatten(merged))
   method = build_method(digits["distill_config"])
   trained, _ = read_run_checkpoint(os.path.join(digits["distill_dir"], "checkpoints"))
-  lora = tr.flatten(trained["trainable"]["student"])
+  lora = flatten(trained["trainable"]["student"])
   assert lora and all("/lora/" in k for k in lora)
   assert all(np.any(v) for k, v in lora.items() if k.endswith("/b"))  # distilled: B != 0
   copied = ck.copy_blocks(ck.load_params(digits["teacher_npz"]), DISTILL["reduction"])
   copied.pop("head")
-  student = tr.unflatten({**tr.flatten(copied), **lora})
+  student = unflatten({**flatten(copied), **lora})
   depth = method.student_blocks
   plain = build_vit(None, 0, image_size=DIGITS_SIZE, **dict(DIGITS_ARCH, depth=depth))
   images = jnp.asarray(_images(8, seed=2, size=DIGITS_SIZE))
@@ -631,12 +554,13 @@ def test_merged_export_reproduces_the_lora_student(digits):
     err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
     assert err <= 1e-5, err
   # Outside the kept blocks the export is the teacher's (patch embedding, cls, pos, final norm).
-  flat_merged, flat_copied = tr.flatten(merged), tr.flatten(copied)
+  flat_merged, flat_copied = flatten(merged), flatten(copied)
   for k, v in flat_copied.items():
     if not re.search(r"/(query|key|value|out|Dense_0|Dense_1)/kernel$", k):
       np.testing.assert_array_equal(flat_merged[k], v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_digits_run_probed_with_fewer_blocks_is_rejected(digits):
   """The r=2 run (student blocks 0, 1 = teacher 0, 2) loaded as an r=4 student (one block)."""
   teacher = ck.load_params(digits["teacher_npz"])
@@ -652,6 +576,7 @@ def test_digits_run_probed_with_fewer_blocks_is_rejected(digits):
     spec.load_transform(teacher)
 
 
+@pytest.mark.slow
 def test_digits_run_probed_with_same_count_other_reduction_is_rejected(digits):
   """r=2 and r=3 keep the same number of blocks of the 4-block teacher ([0, 2] vs [0, 3]):
   names and shapes agree, only the run's recorded reduction can tell them apart."""
@@ -671,7 +596,7 @@ def _fake_run(directory, lora, meta):
   """A work dir whose checkpoint holds ``lora`` as the student's trainable tree and ``meta``."""
   from idat_jax.training.checkpointing import Checkpointer
   ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
-  ckpt.save(1, dict(trainable={"student": tr.unflatten(lora)}, step=np.int32(1)), meta)
+  ckpt.save(1, dict(trainable={"student": unflatten(lora)}, step=np.int32(1)), meta)
   ckpt.close()
   return str(directory)
 
@@ -680,7 +605,7 @@ def test_lora_checkpoint_of_another_reduction_is_rejected(weco, teacher_npz, tmp
   """The r=2 student's LoRA of the 5-block teacher (blocks [0, 2, 4]), saved with the method's
   own checkpoint meta, probed as r=3 ([0, 3]); other mismatches name what is wrong."""
   method, params, _, _ = weco(2)
-  lora = {k: v for k, v in tr.flatten(params["student"]).items() if "/lora/" in k}
+  lora = {k: v for k, v in flatten(params["student"]).items() if "/lora/" in k}
   lora = _random_b(lora, seed=7)
   meta = {"method": "wecolora", **method.checkpoint_meta()}
   run = _fake_run(tmp_path / "r2", lora, meta)
@@ -689,8 +614,8 @@ def test_lora_checkpoint_of_another_reduction_is_rejected(weco, teacher_npz, tmp
                      r"reduction r=2 from a 5-block teacher, the probe asks for r=3"):
     load_distilled_student(teacher, 3, run)
   # The matching reduction loads: copy + LoRA merged (W + A B).
-  student = tr.flatten(load_distilled_student(teacher, 2, run))
-  copied = tr.flatten(ck.copy_blocks(teacher, 2))
+  student = flatten(load_distilled_student(teacher, 2, run))
+  copied = flatten(ck.copy_blocks(teacher, 2))
   assert set(student) == set(copied)
   k = f"Transformer/encoderblock_1/{ATTN}/query"
   a, b = lora[k + "/lora/a"], lora[k + "/lora/b"]
@@ -818,9 +743,9 @@ def test_distill_config_reference_values():
     method = build_method(config)
     assert method.student_blocks == blocks
     spec = method.specs["student"]
-    assert spec.module.lora.targets == LORA_TARGETS and spec.module.lora.rank == 128
-    assert spec.module.lora.scale == 1.0 and spec.module.depth == blocks
-    shapes = tr.flatten(jax.eval_shape(
+    assert spec.module.peft.lora.targets == LORA_TARGETS and spec.module.peft.lora.rank == 128
+    assert spec.module.peft.lora.scale == 1.0 and spec.module.depth == blocks
+    shapes = flatten(jax.eval_shape(
         spec.module.init, jax.random.key(0),
         jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))["params"])
     lora = sum(math.prod(v.shape) for k, v in shapes.items() if "/lora/" in k)

@@ -34,7 +34,8 @@ from idat_jax.data.host_batches import StreamingTrainIterator
 from idat_jax.data.loader import MULTILABEL_BACKENDS
 from idat_jax.methods import losses
 from idat_jax.methods.base import Method, ModelSpec, Params, build_model, register
-from idat_jax.models import PEFT_PATTERN, merge_lora, variant_kwargs
+from idat_jax.checkpoints import merge_lora
+from idat_jax.models import PEFT_PATTERN, variant_kwargs
 from idat_jax.tree_util import flatten, unflatten
 
 STUDENTS = ("lora", "weco_kd", "no_copy")

@@ -7,8 +7,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Deprecated location, kept until methods/wecolora.py imports it from idat_jax.checkpoints.
-from idat_jax.checkpoints.merge import merge_lora
 from idat_jax.models.peft import (ADAPTER_KINDS, DEPRECATED_MODES, LORA_PRESETS, LORA_TARGETS,
                                   NO_PEFT, PEFT_PATTERN, TUNING_MODES, AdapterConfig, LoraConfig,
                                   PeftConfig, canonical_mode, model_overrides, peft_subtree,

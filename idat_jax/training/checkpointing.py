@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Sharding
 
-from idat_jax.checkpoints.orbax_run import item_handlers, read_run_checkpoint  # noqa: F401
+from idat_jax.checkpoints.orbax_run import item_handlers
 from idat_jax.errors import CheckpointError, CheckpointNotFoundError
 
 

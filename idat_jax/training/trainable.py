@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from idat_jax.tree_util import SEP, flatten, unflatten  # noqa: F401  (flatten is re-exported)
+from idat_jax.tree_util import SEP, flatten, unflatten
 
 PyTree = Any
 Rules = Sequence[tuple[str, Any]]
