@@ -125,12 +125,7 @@ class FolderTaskSource(Source):
   def get(self, index: int) -> tuple[ImageLike, int]:
     entry = self.entries[index]
     path = os.path.join(self.task_dir, entry.path)
-    try:
-      image = preprocess.load_image_file(path)
-    except Exception as e:  # missing, truncated or not an image: name the list line
-      raise DataError(f"{self.list_file}:{entry.line}: cannot read image {path}: "
-                      f"{type(e).__name__}: {e}") from e
-    return image, entry.label
+    return preprocess.read_image(path, f"{self.list_file}:{entry.line}"), entry.label
 
   def labels(self) -> np.ndarray:
     return np.asarray([e.label for e in self.entries], np.int32)

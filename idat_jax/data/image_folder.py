@@ -95,11 +95,7 @@ class ImageFolderSource(Source):
 
   def get(self, index: int) -> tuple[ImageLike, int]:
     path = os.path.join(self.root, self.paths[index])
-    try:
-      image = preprocess.load_image_file(path)
-    except Exception as e:
-      raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    return image, int(self._labels[index])
+    return preprocess.read_image(path), int(self._labels[index])
 
   def labels(self) -> np.ndarray:
     return self._labels.copy()

@@ -78,11 +78,7 @@ class MultiLabelSource(Source):
 
   def get(self, index: int) -> tuple[ImageLike, int]:
     path = self.paths[index]
-    try:
-      image = preprocess.load_image_file(path)
-    except Exception as e:
-      raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    return image, int(self._packed[index])
+    return preprocess.read_image(path), int(self._packed[index])
 
   def labels(self) -> np.ndarray:
     return self._packed.copy()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from idat_jax.data.base import ImageLike
+from idat_jax.data.base import DataError, ImageLike
 
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -112,6 +112,17 @@ def load_image_file(path: str | os.PathLike) -> Image.Image:
       raise ValueError(f"image mode {image.mode!r} cannot be converted to 8-bit RGB "
                        "faithfully; convert the file to an 8- or 16-bit PNG or a JPEG")
     return image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike, where: str = "") -> Image.Image:
+  """:func:`load_image_file`, with any failure (missing, truncated, not an image, an
+  unconvertible mode) raised as one :class:`DataError` naming the file (and ``where``: e.g.
+  the list file and line that named it)."""
+  try:
+    return load_image_file(path)
+  except Exception as e:  # noqa: BLE001  (every reason is reported, with the file)
+    prefix = f"{where}: " if where else ""
+    raise DataError(f"{prefix}cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def resize(image: ImageLike, size: int) -> np.ndarray:
