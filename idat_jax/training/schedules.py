@@ -166,6 +166,10 @@ def half_cycle_cosine(base_lr: float, *, epochs: float, warmup_epochs: float,
   else:
     step_fraction = 1.0 / steps_per_epoch
 
+  # Hand-written rather than optax.warmup_cosine_decay_schedule: (1) the reference's LR is a
+  # function of the fractional epoch t = epoch + it / len(loader), not of the step count, and
+  # (2) optax's 0.5 (1 + cos) form cancels in float32 near the end of the cycle (3e-5 relative
+  # error at lr 1e-6, measured against the reference's float64), where cos^2 stays at 1e-7.
   def schedule(step):
     step = jnp.asarray(step, jnp.int32)
     epoch, k = step // steps_per_epoch, step % steps_per_epoch
