@@ -61,21 +61,28 @@ def fail(message: str, workdir: str | None = None, verbose: bool = False) -> Non
     if verbose:
       sys.stderr.write(detail)
     else:
-      path = _traceback_file(workdir)
-      try:
-        with open(path, "w", encoding="utf-8") as f:
-          f.write(detail)
+      where = "(--verbosity=1 prints the traceback)"
+      # The work dir first; the temp dir when it cannot be written (e.g. a full disk).
+      for path in dict.fromkeys((_traceback_file(workdir), _traceback_file(None))):
+        try:
+          with open(path, "w", encoding="utf-8") as f:
+            f.write(detail)
+        except OSError:
+          continue
         where = f"(traceback: {path}; --verbosity=1 prints it)"
-      except OSError:
-        where = "(--verbosity=1 prints the traceback)"
-  sys.stderr.write(f"error: {_one_line(message)}\n")
-  if where:
-    sys.stderr.write(where + "\n")
+        break
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  # Not sys.exit: library threads (Orbax's async workers, TensorStore) would print their own
-  # tracebacks at interpreter shutdown after a failed restore and bury the message above.
+  # One write, on a line of its own: library threads (Orbax's async workers after a failed
+  # restore) may still be printing, and must not split the message.
+  report = f"\nerror: {_one_line(message)}\n" + (where + "\n" if where else "")
+  os.write(2, report.encode())
+  # Then nothing more: stdout/stderr go to /dev/null and the process ends without running
+  # interpreter shutdown, where those threads would print their tracebacks after the message.
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
   os._exit(1)
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import json
 import os
+import threading
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from idat_jax.errors import WorkdirError
 from idat_jax.fileio import atomic_write
 
 
@@ -49,20 +52,42 @@ class MetricWriter:
     if not self.active:
       return
     row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise WorkdirError(f"no space left on device while writing metrics (step {step}) to "
+                           f"{self._jsonl.name}; free space and run the same command again "
+                           "to resume from the last complete checkpoint") from e
+      raise
     if self._tb is not None:
+      self._check_tensorboard(step)
       for key, value in row.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tb.add_scalar(key, value, step)
 
+  def _check_tensorboard(self, step: int) -> None:
+    """tensorboardX writes from a thread; if that thread died (a full disk), ``add_scalar``
+    would block forever on its bounded queue. Stop with an error instead of hanging."""
+    event_writer = getattr(getattr(self._tb, "file_writer", None), "event_writer", None)
+    worker = getattr(event_writer, "_worker", None)
+    if worker is not None and not worker.is_alive() and not event_writer._closed:  # noqa: SLF001
+      logdir = event_writer.get_logdir()
+      self._tb = None  # closing it would block the same way
+      raise WorkdirError(f"the TensorBoard writer of {logdir} stopped at step {step} (no space "
+                         "left on device?); free space and run the same command again to "
+                         "resume from the last complete checkpoint")
+
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    """Closes both sinks. A failed final flush (a full disk) is logged, not raised: close runs
+    while another error (e.g. the failed checkpoint write) is being reported."""
+    for name in ("_jsonl", "_tb"):
+      sink = getattr(self, name)
+      setattr(self, name, None)
+      if sink is None:
+        continue
+      _close_with_timeout(sink, name.strip("_"))
 
 
 def drop_rows_after(path: str, step: int) -> int:
@@ -95,6 +120,32 @@ def drop_rows_after(path: str, step: int) -> int:
 # tuning mode, as JSON (e.g. the probed backbone, or the distillation data).
 # 'best'/'last' hold the method's evaluation metric named in 'metric' (top-1 %, or mean AUROC
 # % of a multi-label probe); best_top1/last_top1 are filled for top-1 runs only.
+def _close_with_timeout(sink: Any, what: str, timeout_s: float = 30.0) -> None:
+  """Closes a writer, logging (not raising) a failure; gives up after ``timeout_s``.
+
+  tensorboardX writes from a background thread; when that thread died (e.g. on a full disk),
+  its ``close`` waits forever for a queue nobody drains. A run must end with its own error
+  message instead of hanging.
+  """
+  errors: list[BaseException] = []
+
+  def close():
+    try:
+      sink.close()
+    except Exception as e:  # noqa: BLE001  (reported below)
+      errors.append(e)
+
+  thread = threading.Thread(target=close, name=f"close-{what}", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if thread.is_alive():
+    logging.getLogger(__name__).warning("the %s metric writer did not close within %.0f s "
+                                        "(its writer thread failed?); giving up", what, timeout_s)
+  elif errors:
+    logging.getLogger(__name__).warning("could not close the %s metric writer: %s", what,
+                                        errors[0])
+
+
 RESULT_FIELDS = ("task", "method", "tuning", "seed", "metric", "best", "last", "best_epoch",
                  "best_top1", "last_top1", "trainable_params", "total_params", "epochs",
                  "wall_time_s", "workdir", "details")
