@@ -44,6 +44,18 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _by_path(tree: Any) -> dict[str, Any]:
+  """Leaves by a container-neutral path ('opt/0/mu/student/head/kernel'): Orbax's metadata
+  holds dicts and lists where the state holds optax's named tuples."""
+  def name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return {"/".join(name(e) for e in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` with items ``state`` and ``meta``.
 
@@ -126,6 +138,14 @@ class Checkpointer:
     candidates = [step] if step is not None else sorted(available, reverse=True)
     failures = []
     for candidate in candidates:
+      mismatch = self._structure_mismatch(candidate, abstract_state)
+      if mismatch:
+        # Checked before Orbax's restore: a failed restore leaves its worker threads printing
+        # tracebacks over the report.
+        failures.append(f"step {candidate}: {mismatch}")
+        logging.warning("checkpoint step %d in %s does not fit this run's model: %s", candidate,
+                        self.directory, mismatch)
+        continue
       try:
         restored = self._manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -142,6 +162,31 @@ class Checkpointer:
         f"no checkpoint in {self.directory} restores into this run's model ("
         + "; ".join(failures) + "). A changed model (num_classes, adapter_dim, tuning mode) "
         "needs a new --workdir; a corrupt step can be deleted to resume from an older one")
+
+  def _structure_mismatch(self, step: int, abstract_state: Any) -> str | None:
+    """What differs between the stored arrays of ``step`` and the model's (None: they fit, or
+    the metadata is unreadable, which the restore itself then reports)."""
+    try:
+      stored = self._manager.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001  (left to the restore, which names the failure)
+      return None
+    if stored is None:
+      return None
+    want, have = _by_path(abstract_state), _by_path(stored)
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or unexpected:
+      parts = []
+      if missing:
+        parts.append(f"{len(missing)} array(s) the model has but the checkpoint lacks, e.g. "
+                     f"{missing[0]}")
+      if unexpected:
+        parts.append(f"{len(unexpected)} stored array(s) the model lacks, e.g. {unexpected[0]}")
+      return "; ".join(parts)
+    for key, spec in want.items():
+      shape = tuple(getattr(have[key], "shape", ()) or ())
+      if shape != tuple(spec.shape):
+        return f"stored shape {shape} of {key}, the model's is {tuple(spec.shape)}"
+    return None
 
   def wait(self) -> None:
     self._guard(self._manager.wait_until_finished, self._pending)
