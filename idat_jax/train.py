@@ -121,10 +121,13 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
         merged, report = ckpt_io.merge_pretrained(shapes, loaded, init_only=spec.init_only,
                                                   ignore_unexpected=spec.ignore_unexpected)
       except (CheckpointError, ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"pretrained checkpoint {spec.checkpoint} does not fit model '{name}' "
-            f"(config.models.{name}): {e}. Check that models.{name}.variant (or width/depth/"
-            "heads/patch_size) matches the file") from e
+        if isinstance(e, KeyError) or "shape" in str(e).lower():
+          raise CheckpointError(
+              f"pretrained checkpoint {spec.checkpoint} does not fit model '{name}' "
+              f"(config.models.{name}): {e}. Check that models.{name}.variant (or width/"
+              "depth/heads/patch_size) matches the file") from e
+        raise CheckpointError(f"pretrained checkpoint {spec.checkpoint} of model '{name}' "
+                              f"(config.models.{name}) cannot be used: {e}") from e
       logging.info("%s <- %s\n%s", name, spec.checkpoint, report)
       given = unflatten({k: v for k, v in flatten(merged).items()
                          if not isinstance(v, jax.ShapeDtypeStruct)})

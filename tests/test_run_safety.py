@@ -475,3 +475,14 @@ def test_real_full_disk_is_one_line_and_the_run_resumes(config_file, tmp_path):
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["finished"]
   finally:
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_another_runs_checkpoint_is_read_from_a_relative_path(tmp_path, monkeypatch):
+  # The demo passes student_run=runs/demo/weco_distill (relative); Orbax wants absolute paths.
+  from idat_jax.checkpoints import read_run_checkpoint
+  ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  ckpt.save(3, {"w": jax.numpy.arange(4.0)}, {"method": "x"})
+  ckpt.close()
+  monkeypatch.chdir(tmp_path)
+  state, meta = read_run_checkpoint(os.path.join("run", "checkpoints"))
+  assert meta == {"method": "x"} and list(state["w"]) == [0.0, 1.0, 2.0, 3.0]

@@ -29,6 +29,8 @@ def read_run_checkpoint(directory: str,
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint directory {directory}")
+  if "://" not in directory:
+    directory = os.path.abspath(directory)  # Orbax refuses relative paths
   manager = ocp.CheckpointManager(directory, item_handlers=item_handlers())
   try:
     step = manager.latest_step() if step is None else step
