@@ -8,7 +8,6 @@
 * the class count of a folder task without ``task.json`` comes from its list files.
 """
 
-import importlib.util
 import os
 
 import jax
@@ -18,17 +17,14 @@ import pytest
 from idat_jax import train
 from idat_jax.data import vtab, write_digits_task
 from idat_jax.tree_util import flatten
+from repo_files import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4)
 
 
 def _idat_vtab():
-  spec = importlib.util.spec_from_file_location(
-      "idat_vtab_cfg_custom", os.path.join(REPO, "configs", "idat_vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file("configs/idat_vtab.py", "idat_vtab_cfg_custom")
 
 
 def test_registered_tasks_keep_the_released_recipe():
@@ -152,11 +148,7 @@ def test_custom_folder_task_sets_up_with_classes_from_the_data(user_task_root, t
 def test_probe_config_reads_the_vtab_folder_layout(user_task_root):
   """configs/wecolora_linprobe.py on a folder task: the iDAT protocol's splits, no overrides."""
   from idat_jax.data import inputs
-  spec = importlib.util.spec_from_file_location(
-      "wecolora_linprobe", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                                        "wecolora_linprobe.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_file("configs/wecolora_linprobe.py")
   c = module.get_config(f"dataset=my_digits,backend=folder,root={user_task_root}")
   assert (c.data.train_split, c.data.eval_split) == ("train800val200", "test")
   train_source = inputs.build_source(c, c.data.train_split)

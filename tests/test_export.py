@@ -12,7 +12,6 @@ random "pretrained" ``.npz`` backbones:
   reproduces the run's test top-1.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from idat_jax.data import load_task_split, normalize, write_digits_task
 from idat_jax.methods import build_method
 from idat_jax.models import build_vit
 from idat_jax.tree_util import flatten
+from repo_files import load_file
 from vit_testing import random_params
 
 pytestmark = pytest.mark.slow
@@ -39,11 +39,7 @@ EPOCHS = 3
 
 
 def _idat_vtab():
-  spec = importlib.util.spec_from_file_location(
-      "idat_vtab_cfg_export", os.path.join(REPO, "configs", "idat_vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file("configs/idat_vtab.py", "idat_vtab_cfg_export")
 
 
 @pytest.fixture(scope="module")
