@@ -46,6 +46,10 @@ def atomic_write(path: str | os.PathLike, *, directory: bool = False,
   try:
     yield tmp
     if not directory:
+      # mkstemp makes the file private (0600); the result gets the usual umask-based mode.
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)
       os.replace(tmp, path)
       return
     if os.path.lexists(path):

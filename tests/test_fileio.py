@@ -1,6 +1,7 @@
 """idat_jax.fileio.atomic_write: all-or-nothing files and directories, and the concurrent case."""
 
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -77,3 +78,14 @@ def test_concurrent_writer_that_finished_first(tmp_path, monkeypatch, accept):
       write()
   assert seen == [["theirs.txt"]]
   assert os.listdir(target) == ["theirs.txt"] and os.listdir(tmp_path) == ["entry"]
+
+
+def test_written_file_has_the_umask_mode_not_mkstemps_private_one(tmp_path):
+  old = os.umask(0o022)
+  try:
+    with atomic_write(tmp_path / "out.txt") as tmp:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write("x")
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / "out.txt").st_mode) == 0o644
