@@ -615,7 +615,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """``mode=eval``: restores a checkpoint (latest, or ``config.eval.step``) and evaluates it."""
   config_lib.validate(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):  # remote dirs: Orbax checks
     raise CheckpointNotFoundError(f"no checkpoint to evaluate: {ckpt_dir} does not exist; "
                                   "train first, or check --workdir")
   with workdir_lock(workdir):

@@ -88,15 +88,23 @@ def to_markdown(header, rows) -> str:
   return "\n".join(lines)
 
 
-def bar_chart(sweeps, path: str) -> None:
+def pyplot_or_note(path: str):
+  """matplotlib.pyplot (headless), or None with a note when the plots extra is missing."""
   try:
     import matplotlib
   except ImportError:
     print(f"note: matplotlib is not installed (pip install -e .[plots]); no chart {path}",
           file=sys.stderr)
-    return
+    return None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def bar_chart(sweeps, path: str) -> None:
+  plt = pyplot_or_note(path)
+  if plt is None:
+    return
   tasks = [t for group in ORDER.values() for t in group]
   fig, ax = plt.subplots(figsize=(16, 5))
   width = 0.8 / max(len(sweeps), 1)

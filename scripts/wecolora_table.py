@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Any
 
+from vtab_table import pyplot_or_note, to_markdown  # scripts/ (this script's folder)
+
 DATASET_NAMES = {"imagenet": "ImageNet", "chestxray": "ChestX-ray14", "inat19": "iNaturalist",
                  "resisc45": "RESISC45", "cifar100": "CIFAR-100"}
 TABLE1_DATASETS = ("imagenet", "inat19", "cifar100")
@@ -148,22 +150,11 @@ def copied_table(results) -> tuple[list[str], list[list[str]], list[tuple]]:
   return header, rows, keys
 
 
-def to_markdown(header, rows) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
 def bar_chart(results, path: str) -> bool:
   """Grouped bars of both tables; False (and a note) when matplotlib is missing."""
-  try:
-    import matplotlib
-  except ImportError:
-    print(f"note: matplotlib is not installed (pip install matplotlib); no chart {path}",
-          file=sys.stderr)
+  plt = pyplot_or_note(path)
+  if plt is None:
     return False
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
   fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
   series1 = [(f"α={float(a) * 100:g}% {v}", [("ssl", v, 2, a, d) for d in TABLE1_DATASETS])
