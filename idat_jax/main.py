@@ -74,15 +74,16 @@ def fail(message: str, workdir: str | None = None, verbose: bool = False) -> Non
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  # One write, on a line of its own: library threads (Orbax's async workers after a failed
-  # restore) may still be printing, and must not split the message.
+  # Library threads (Orbax's async workers after a failed save or restore) may still be
+  # printing. stdout/stderr are pointed at /dev/null first, so that nothing they write can land
+  # after the message; the message then goes, in one write, to the saved stderr; and the process
+  # ends without interpreter shutdown, where those threads would print their tracebacks.
   report = f"\nerror: {_one_line(message)}\n" + (where + "\n" if where else "")
-  os.write(2, report.encode())
-  # Then nothing more: stdout/stderr go to /dev/null and the process ends without running
-  # interpreter shutdown, where those threads would print their tracebacks after the message.
+  stderr = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 1)
   os.dup2(devnull, 2)
+  os.write(stderr, report.encode())
   os._exit(1)
 
 

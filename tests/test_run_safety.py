@@ -486,3 +486,27 @@ def test_another_runs_checkpoint_is_read_from_a_relative_path(tmp_path, monkeypa
   monkeypatch.chdir(tmp_path)
   state, meta = read_run_checkpoint(os.path.join("run", "checkpoints"))
   assert meta == {"method": "x"} and list(state["w"]) == [0.0, 1.0, 2.0, 3.0]
+
+
+_NOISY_FAIL = '''
+import sys, threading, time
+from idat_jax import main
+
+def noise():
+  while True:
+    sys.stderr.write("library thread: still printing\\n")
+    sys.stderr.flush()
+
+threading.Thread(target=noise, daemon=True).start()
+time.sleep(0.02)
+main.fail("boom")
+'''
+
+
+def test_nothing_printed_by_other_threads_follows_the_error_report():
+  """Library threads that keep printing (Orbax's after a failed save) cannot end stderr."""
+  for _ in range(10):
+    out = subprocess.run([sys.executable, "-c", _NOISY_FAIL], env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.rstrip().splitlines()[-1] == "error: boom", out.stderr[-300:]
