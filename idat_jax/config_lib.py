@@ -106,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="test",
       image_size=224,
       normalization="inception",  # inception: (x/255-0.5)/0.5 ; imagenet: ImageNet mean/std
-      cache_dir="",              # decoded+resized uint8 cache ('' = <workdir>/../cache)
+      cache_dir="",              # decoded+resized uint8 cache, local ('' = <workdir>/../cache;
+                                 # ~/.cache/idat_jax/cache for a gs:// work dir)
       augment=False,             # streamed RandomResizedCrop + flip (WeCoLoRA distillation)
       crop_scale=(0.2, 1.0),
       few_shot_ratio=1.0,        # image_folder / tfds_images: class-balanced fraction kept
@@ -181,6 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.stop_after_steps = 0         # >0: stop (after checkpointing) at this step; resumable
   c.progress_bar = True
+  # TensorBoard event files in <workdir>/tensorboard (beside metrics.jsonl, which is always
+  # written). A gs:// work dir's events go through tensorboardX's GCS writer, which needs
+  # google-cloud-storage.
+  c.tensorboard = True
   # Persistent XLA cache: later runs with the same programs (other seeds, resumes, mode=eval)
   # skip compiling. '' = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/../jax_cache (shared
   # by the runs of one sweep; ~/.cache/idat_jax/jax_cache for gs:// work dirs); 'none' = off.
@@ -229,3 +234,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if data.get("image_size") is not None:
     _require(int(data["image_size"]) >= 1, "data.image_size", data["image_size"],
              "must be >= 1")
+  # Remote (gs://) data: TFDS reads it; the file backends and the decode cache need local disk.
+  backend, root = str(data.get("backend", "")), str(data.get("root") or "")
+  _require("://" not in root or backend.startswith("tfds"), "data.root", root,
+           f"the {backend} backend reads local files: copy the data to every host's disk "
+           "(gsutil -m cp -r), or use backend=tfds with data.tfds_data_dir=gs://...")
+  cache = str(data.get("cache_dir") or "")
+  _require("://" not in cache, "data.cache_dir", cache,
+           "must be a local directory (the decode cache is memory-mapped); '' puts it beside a "
+           "local work dir, or in ~/.cache/idat_jax/cache for a gs:// one")

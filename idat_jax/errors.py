@@ -27,3 +27,7 @@ class CheckpointError(IdatError, ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
   """A pretrained file or run checkpoint that is not where the config says."""
+
+
+class StorageError(IdatError, OSError):
+  """A remote (``gs://``) path that cannot be reached: a missing client library or access."""

@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from idat_jax import checkpoints as ckpt_io
-from idat_jax import config_lib
+from idat_jax import config_lib, fileio
 from idat_jax.tree_util import flatten
 
 CONFIG_FILE = "config.json"
@@ -63,14 +63,13 @@ def _merge_defaults(defaults: Mapping[str, Any], loaded: Mapping[str, Any]) -> d
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run trained with (``<workdir>/config.json``), completed with defaults."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"{path} does not exist: --workdir must be a training run's work "
                             "dir (python -m idat_jax.main writes config.json there)")
-  with open(path, encoding="utf-8") as f:
-    try:
-      loaded = json.load(f)
-    except ValueError as e:
-      raise ExportError(f"{path}: not valid JSON ({e})") from None
+  try:
+    loaded = json.loads(fileio.read_text(path))
+  except ValueError as e:
+    raise ExportError(f"{path}: not valid JSON ({e})") from None
   return ml_collections.ConfigDict(_merge_defaults(config_lib.base_config().to_dict(), loaded))
 
 
@@ -105,8 +104,7 @@ def trained_models(workdir: str, step: int | None = None, *, peft_only: bool = F
   from idat_jax.methods import build_method
   from idat_jax.training import trainable as tr
 
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
+  workdir = fileio.abspath(workdir)  # Orbax reads absolute paths only
   config = read_run_config(workdir)
   state, meta, restored_step = _read_checkpoint(workdir, step)
   trained = state["trainable"]

@@ -29,15 +29,15 @@ import optax
 from absl import logging
 
 from idat_jax import checkpoints as ckpt_io
-from idat_jax import config_lib
+from idat_jax import config_lib, fileio
 from idat_jax import sharding as shd
 from idat_jax.data import inputs, vtab
 from idat_jax.methods import Method, build_method
 from idat_jax.models import dummy_images
 from idat_jax.tree_util import flatten, unflatten
 from idat_jax.training import optim, schedules, trainable as tr
-from idat_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError, IdatError
-from idat_jax.fileio import atomic_write
+from idat_jax.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, IdatError,
+                             StorageError)
 from idat_jax.training import workdir as wd
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
 from idat_jax.training.metrics import MetricWriter, append_result
@@ -103,10 +103,10 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
   replicated = shd.replicated(mesh)
   specs = method.specs
   for name, spec in specs.items():  # before any (possibly expensive) model init
-    if spec.checkpoint and "://" not in spec.checkpoint and not os.path.exists(spec.checkpoint):
+    if spec.checkpoint and not fileio.exists(spec.checkpoint):
       raise CheckpointNotFoundError(
           f"pretrained checkpoint for model '{name}' not found: {spec.checkpoint} "
-          f"(resolved to {os.path.abspath(spec.checkpoint)}). Download it first (see the "
+          f"(resolved to {fileio.abspath(spec.checkpoint)}). Download it first (see the "
           "README, 'Pretrained checkpoints') or set --config.models.<name>.checkpoint")
   for i, (name, spec) in enumerate(specs.items()):
     example = spec.example_input if spec.example_input is not None else dummy_images(spec.module)
@@ -202,15 +202,13 @@ def compilation_cache_path(config: ml_collections.ConfigDict, workdir: str,
                            current: str | None = None) -> str | None:
   """Where the persistent compilation cache goes: ``config.compilation_cache_dir``; else a
   cache the user already chose (``current``: $JAX_COMPILATION_CACHE_DIR); else
-  ``<workdir>/../jax_cache``, shared by a sweep; gs:// work dirs get a host-local cache (every
-  host compiles its own programs). ``'none'``: no cache."""
+  ``<workdir>/../jax_cache``, shared by a sweep (a gs:// work dir's is host-local: every host
+  compiles its own programs). ``'none'``: no cache."""
   path = config.compilation_cache_dir
   if path == "none":
     return None
   if path or current:
     return path or current
-  if "://" in workdir:
-    return os.path.expanduser("~/.cache/idat_jax/jax_cache")
   return inputs.sibling_dir(workdir, "jax_cache")
 
 
@@ -444,8 +442,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, saved_meta: di
 
 def _read_json(path: str) -> dict[str, Any] | None:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(fileio.read_text(path))
+  except StorageError:
+    raise
   except (OSError, ValueError):
     return None
 
@@ -506,7 +505,8 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
     eval_step = make_eval_step(s)
   data = s.train_data.resident
 
-  writer = MetricWriter(workdir, resume_step=start_step)
+  writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
+                        resume_step=start_step)
   progress = None
   if config.progress_bar and jax.process_index() == 0:
     from tqdm.auto import tqdm
@@ -522,6 +522,7 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
 
   def save(step: int) -> None:
     meta["elapsed_s"] = round(prior_elapsed + time.time() - t_start, 3)
+    writer.sync()  # every row up to this checkpoint is kept if the run is resumed from it
     ckpt.save(step, s.state, meta)
 
   try:
@@ -598,16 +599,15 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
       trainable_params=sum(c[0] for c in s.counts.values()),
       total_params=sum(c[1] for c in s.counts.values()),
       epochs=s.total_epochs, wall_time_s=round(prior_elapsed + time.time() - t_start, 2),
-      workdir=os.path.abspath(workdir), finished=finished, step=int(s.state["step"]),
+      workdir=fileio.abspath(workdir), finished=finished, step=int(s.state["step"]),
       counts=s.counts, setup_s=round(setup_s, 3), epoch_times=epoch_times,
       resume_overrides=meta.get("resume_overrides") or [])
   if finished and jax.process_index() == 0:
     summary.update(s.method.finalize(
         jax.device_get(tr.combine(s.state["trainable"], s.frozen)), workdir))
     append_result(os.path.join(workdir, "results.csv"), summary)
-    with atomic_write(os.path.join(workdir, SUMMARY_FILE)) as tmp:
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, default=str)
+    fileio.write_text(os.path.join(workdir, SUMMARY_FILE),
+                      json.dumps(summary, indent=1, default=str))
   return summary
 
 
@@ -615,7 +615,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """``mode=eval``: restores a checkpoint (latest, or ``config.eval.step``) and evaluates it."""
   config_lib.validate(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):  # remote dirs: Orbax checks
+  if not fileio.isdir(ckpt_dir):
     raise CheckpointNotFoundError(f"no checkpoint to evaluate: {ckpt_dir} does not exist; "
                                   "train first, or check --workdir")
   with workdir_lock(workdir):

@@ -11,7 +11,7 @@
 # `bash scripts/launch_local.sh 4 ARGS...` (4 CPU processes standing in for 4 hosts).
 #
 # Every worker must hold the same checkout in $REPO_DIR (default ~/idat-jax) with
-# `pip install -e .` and jax[tpu] done (see README, "Cloud TPU"). The command is started on all
+# `pip install -e ".[gcs]"` and jax[tpu] done (see README, "Cloud TPU"). The command is started on all
 # workers at once (--worker=all): jax.distributed.initialize() waits for every host (up to
 # config.distributed.initialization_timeout_s), so a command started on one worker alone fails.
 # Process 0 writes metrics, results.csv, config.json and exports; all write checkpoints.

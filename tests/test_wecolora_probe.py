@@ -193,7 +193,7 @@ def test_streamed_loss_equals_cached_feature_loss(tmp_path, backend, transform):
     logits = probe.apply({"params": params["probe"], **extras["probe"]}, feats, train=True,
                          mutable=["batch_stats"])[0]
     want = torch.nn.BCEWithLogitsLoss()(
-        torch.from_numpy(np.asarray(logits)),
+        torch.from_numpy(np.array(logits)),
         torch.from_numpy(unpack_labels(np.asarray(labels), 4)))
     assert float(a) == pytest.approx(float(want), rel=1e-5)
 

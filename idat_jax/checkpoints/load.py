@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from idat_jax import fileio
 from idat_jax.checkpoints.merge import MergeReport, merge_pretrained
 from idat_jax.checkpoints.npz import read_google_npz
 from idat_jax.checkpoints.safetensors_io import read_safetensors
@@ -47,11 +48,12 @@ def read_checkpoint(path: str | os.PathLike, *, num_heads: int | None = None,
   if ext not in FORMATS:
     raise CheckpointError(f"{path}: unknown checkpoint type {ext or '(no extension)'!r}; "
                           f"supported: {sorted(FORMATS)}")
-  if "://" in path:
-    raise CheckpointError(f"{path}: remote checkpoints are not read directly; download the file "
-                          "first (e.g. `gsutil cp` / `wget`) and pass the local path")
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
+  if fileio.is_remote(path):
+    local = fileio.local_copy(path)  # the readers memory-map or seek: read a host-local copy
+    log.info("%s: reading this host's copy %s", path, local)
+    path = local
   fmt = FORMATS[ext]
   if fmt == "google_npz":
     flat, ignored, notes = read_google_npz(path)

@@ -8,11 +8,12 @@ so the reader lives with the other weight-file readers, below the methods that u
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from idat_jax import fileio
 
 
 def item_handlers() -> dict[str, Any]:
@@ -27,10 +28,9 @@ def read_run_checkpoint(directory: str,
   The target structure comes from the checkpoint's own metadata, restored onto one local
   device. ``step=None`` reads the latest step.
   """
-  if not os.path.isdir(directory):
+  if not fileio.isdir(directory):
     raise FileNotFoundError(f"no checkpoint directory {directory}")
-  if "://" not in directory:
-    directory = os.path.abspath(directory)  # Orbax refuses relative paths
+  directory = fileio.abspath(directory)  # Orbax refuses relative paths
   manager = ocp.CheckpointManager(directory, item_handlers=item_handlers())
   try:
     step = manager.latest_step() if step is None else step

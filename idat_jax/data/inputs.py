@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import posixpath
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from idat_jax import fileio
 from idat_jax.data import loader, preprocess
 from idat_jax.data.base import Source
 from idat_jax.data.host_batches import EvalIterator, StreamingTrainIterator
@@ -34,9 +34,11 @@ Batch = Mapping[str, jax.Array]
 
 
 def sibling_dir(workdir: str, name: str) -> str:
-  """``<workdir>/../<name>``: where the runs of one sweep share caches (local or gs://)."""
-  if "://" in workdir:
-    return posixpath.join(posixpath.dirname(workdir.rstrip("/")), name)
+  """``<workdir>/../<name>``: where the runs of one sweep share caches. A remote (gs://) work
+  dir's caches are this host's own (``~/.cache/idat_jax/<name>``): decode caches are
+  memory-mapped and compiled programs are per host."""
+  if fileio.is_remote(workdir):
+    return fileio.host_cache_dir(name)
   return os.path.join(os.path.dirname(os.path.abspath(workdir)), name)
 
 

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Sharding
 
+from idat_jax import fileio
 from idat_jax.checkpoints.orbax_run import item_handlers
 from idat_jax.errors import CheckpointError, CheckpointNotFoundError
 
@@ -67,7 +68,7 @@ class Checkpointer:
     if max_to_keep < 1:
       raise CheckpointError(f"max_to_keep={max_to_keep}: at least one checkpoint must be kept "
                             f"in {directory}")
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self.directory = fileio.abspath(directory)
     # The directory is made at the first save, not here: a run that fails its checks leaves
     # no empty checkpoints/ behind.
     self._create = create

@@ -1,20 +1,30 @@
-"""Metric sinks written by process 0: JSONL, TensorBoard event files and a results CSV."""
+"""Metric sinks written by process 0: JSONL, TensorBoard event files and a results CSV.
+
+A local ``metrics.jsonl`` is appended to and flushed row by row. A remote (gs://) one cannot be
+appended to: its rows are kept in memory and the whole file is uploaded at most every
+``REMOTE_UPLOAD_S`` seconds, at every :meth:`MetricWriter.sync` (the trainer calls it before
+each checkpoint, so a resumed run never misses a row) and on close.
+"""
 
 from __future__ import annotations
 
 import csv
 import errno
+import io
 import logging
 import json
 import os
 import threading
+import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from idat_jax import fileio
 from idat_jax.errors import WorkdirError
-from idat_jax.fileio import atomic_write
+
+REMOTE_UPLOAD_S = 60.0
 
 
 def _plain(value: Any) -> Any:
@@ -35,18 +45,23 @@ class MetricWriter:
     self._jsonl = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     path = os.path.join(workdir, "metrics.jsonl")
     dropped = drop_rows_after(path, resume_step)
     if dropped:
       logging.getLogger(__name__).info(
           "dropped %d rows of %s logged after step %d (the run resumes from there)", dropped,
           path, resume_step)
-    self._jsonl = open(path, "a", encoding="utf-8")
+    if fileio.is_remote(path):
+      self._jsonl = _RemoteLines(path)
+    else:
+      self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
+      logdir = os.path.join(workdir, "tensorboard")
+      if fileio.is_remote(logdir):
+        _check_remote_tensorboard(logdir)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=resume_step + 1 if resume_step else None)
+      self._tb = SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.active:
@@ -79,6 +94,11 @@ class MetricWriter:
                          "left on device?); free space and run the same command again to "
                          "resume from the last complete checkpoint")
 
+  def sync(self) -> None:
+    """Makes every row written so far durable (uploads a remote ``metrics.jsonl``)."""
+    if isinstance(self._jsonl, _RemoteLines):
+      self._jsonl.upload()
+
   def close(self) -> None:
     """Closes both sinks. A failed final flush (a full disk) is logged, not raised: close runs
     while another error (e.g. the failed checkpoint write) is being reported."""
@@ -90,15 +110,52 @@ class MetricWriter:
       _close_with_timeout(sink, name.strip("_"))
 
 
+class _RemoteLines:
+  """The file-like ``metrics.jsonl`` of a remote work dir (see the module docstring)."""
+
+  def __init__(self, path: str):
+    self.name = path
+    self._text = fileio.read_text(path) if fileio.exists(path) else ""
+    self._buffer = io.StringIO()
+    self._buffer.write(self._text)
+    self._uploaded = time.monotonic()
+
+  def write(self, text: str) -> None:
+    self._buffer.write(text)
+
+  def flush(self) -> None:
+    if time.monotonic() - self._uploaded >= REMOTE_UPLOAD_S:
+      self.upload()
+
+  def upload(self) -> None:
+    fileio.write_text(self.name, self._buffer.getvalue())
+    self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    self.upload()
+
+
+def _check_remote_tensorboard(logdir: str) -> None:
+  """tensorboardX writes gs:// event files with google-cloud-storage; without it the run would
+  fail at the first scalar, deep in a writer thread."""
+  try:
+    import google.cloud.storage  # noqa: F401
+  except ImportError:
+    raise WorkdirError(
+        f"TensorBoard event files for {logdir} need google-cloud-storage (pip install "
+        "google-cloud-storage), or run with --config.tensorboard=False (metrics.jsonl is "
+        "written either way)") from None
+
+
 def drop_rows_after(path: str, step: int) -> int:
   """Rewrites a ``metrics.jsonl`` without its rows past ``step`` (atomically); their count.
 
   A torn last line (a kill mid-write) is dropped too.
   """
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return 0
   kept, dropped = [], 0
-  with open(path, encoding="utf-8") as f:
+  with fileio.open_file(path, encoding="utf-8") as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -110,9 +167,7 @@ def drop_rows_after(path: str, step: int) -> int:
       else:
         kept.append(line if line.endswith("\n") else line + "\n")
   if dropped:
-    with atomic_write(path) as tmp:
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+    fileio.write_text(path, "".join(kept))
   return dropped
 
 
@@ -157,26 +212,33 @@ _SUMMARY_ONLY = ("method", "seed", "metric", "best", "last", "best_top1", "best_
 
 
 def append_result(path: str, row: Mapping[str, Any]) -> None:
-  """Appends one run's summary to ``results.csv`` (header written once)."""
+  """Appends one run's summary to ``results.csv`` (header written once).
+
+  The file is rewritten whole, atomically (object stores cannot append; a reader never sees a
+  torn row). One run writes it, under the work-dir lock.
+  """
   if jax.process_index() != 0:
     return
-  new = not os.path.exists(path)
+  existing = fileio.read_text(path, newline="") if fileio.exists(path) else ""
   fields = RESULT_FIELDS
-  if not new:  # a file an older version started keeps its columns
-    with open(path, newline="", encoding="utf-8") as f:
-      fields = tuple(next(csv.reader(f), None) or RESULT_FIELDS)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "a", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-    if new:
-      writer.writeheader()
-    out = {k: _plain(row.get(k, "")) for k in RESULT_FIELDS if k != "details"}
-    metric = row.get("metric", "top1")
-    details = {k: _plain(v) for k, v in row.items() if k not in _SUMMARY_ONLY
-               and k not in (f"best_{metric}", f"last_{metric}")
-               and isinstance(v, (str, int, float, bool, type(None)))}
-    out["details"] = json.dumps(details, sort_keys=True) if details else ""
-    writer.writerow(out)
+  if existing:  # a file an older version started keeps its columns
+    fields = tuple(next(csv.reader(io.StringIO(existing)), None) or RESULT_FIELDS)
+  if existing and not existing.endswith("\n"):
+    existing += "\r\n"
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+  if not existing:
+    writer.writeheader()
+  out = {k: _plain(row.get(k, "")) for k in RESULT_FIELDS if k != "details"}
+  metric = row.get("metric", "top1")
+  details = {k: _plain(v) for k, v in row.items() if k not in _SUMMARY_ONLY
+             and k not in (f"best_{metric}", f"last_{metric}")
+             and isinstance(v, (str, int, float, bool, type(None)))}
+  out["details"] = json.dumps(details, sort_keys=True) if details else ""
+  writer.writerow(out)
+  with fileio.atomic_write(path) as tmp:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+      f.write(existing + text.getvalue())
 
 
 class _DropLibraryInfo(logging.Filter):

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import ml_collections
 from absl import logging
 
+from idat_jax import fileio
 from idat_jax.errors import WorkdirError
 from idat_jax.tree_util import flatten
 
@@ -36,7 +37,7 @@ RUN_CONTROL_KEYS = (
     "mode", "resume_changed", "log_every_steps", "progress_bar", "eval_every_epochs",
     "checkpoint_every_epochs", "keep_checkpoints", "stop_after_steps",
     "compilation_cache_dir", "eval_batch_size", "num_devices", "eval/step",
-    "data/cache_dir", "data/eval_resident_mb", "distributed", "distributed/.*",
+    "data/cache_dir", "data/eval_resident_mb", "distributed", "distributed/.*", "tensorboard",
 )
 
 
@@ -78,19 +79,18 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 def write_config_record(config: ml_collections.ConfigDict, workdir: str, fresh: bool) -> str:
   """``config.json`` for a fresh run, else ``config.<mode>.<timestamp>.json``; its path."""
-  os.makedirs(workdir, exist_ok=True)
-  if fresh and not os.path.exists(os.path.join(workdir, "config.json")):
+  fileio.makedirs(workdir)
+  if fresh and not fileio.exists(os.path.join(workdir, "config.json")):
     name = "config.json"
   else:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"config.{config.mode}.{stamp}.json"
     n = 1
-    while os.path.exists(os.path.join(workdir, name)):
+    while fileio.exists(os.path.join(workdir, name)):
       n += 1
       name = f"config.{config.mode}.{stamp}-{n}.json"
   path = os.path.join(workdir, name)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  fileio.write_text(path, config.to_json_best_effort(indent=2))
   return path
 
 
@@ -117,7 +117,7 @@ class WorkdirLock:
     self._fd: int | None = None
 
   def acquire(self) -> "WorkdirLock":
-    if "://" in self.workdir:
+    if fileio.is_remote(self.workdir):
       logging.warning("work dir %s is remote: it is not locked; make sure no other run uses it",
                       self.workdir)
       return self
