@@ -188,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   # Persistent XLA cache: later runs with the same programs (other seeds, resumes, mode=eval)
   # skip compiling. '' = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/../jax_cache (shared
-  # by the runs of one sweep; ~/.cache/idat_jax/jax_cache for gs:// work dirs); 'none' = off.
+  # by the runs of one sweep, and by a pod's hosts for a gs:// work dir); 'none' = off.
   c.compilation_cache_dir = ""
 
   c.eval = ml_collections.ConfigDict(dict(step=FieldRef(None, field_type=int)))  # mode=eval

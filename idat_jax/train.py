@@ -202,8 +202,10 @@ def compilation_cache_path(config: ml_collections.ConfigDict, workdir: str,
                            current: str | None = None) -> str | None:
   """Where the persistent compilation cache goes: ``config.compilation_cache_dir``; else a
   cache the user already chose (``current``: $JAX_COMPILATION_CACHE_DIR); else
-  ``<workdir>/../jax_cache``, shared by a sweep (a gs:// work dir's is host-local: every host
-  compiles its own programs). ``'none'``: no cache."""
+  ``<workdir>/../jax_cache``, shared by a sweep. For a gs:// work dir that is a gs:// directory
+  too, and it must be shared: JAX writes cache entries from process 0 only, and the other hosts
+  of a pod read them (a host-local cache would never hold an entry on hosts 1..N).
+  ``'none'``: no cache."""
   path = config.compilation_cache_dir
   if path == "none":
     return None

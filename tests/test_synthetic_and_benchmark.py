@@ -172,8 +172,8 @@ def test_compilation_cache_location():
   c = config_lib.base_config()
   assert train.compilation_cache_path(c, "/runs/sweep/dtd") == "/runs/sweep/jax_cache"
   assert train.compilation_cache_path(c, "/runs/sweep/dtd", current="/env/cache") == "/env/cache"
-  assert train.compilation_cache_path(c, "gs://bucket/runs/dtd") == os.path.expanduser(
-      "~/.cache/idat_jax/jax_cache")  # never a cloud path: every host compiles for itself
+  # Shared by a pod's hosts: JAX writes entries from process 0 only, every host reads them.
+  assert train.compilation_cache_path(c, "gs://bucket/runs/dtd") == "gs://bucket/runs/jax_cache"
   c.compilation_cache_dir = "/explicit"
   assert train.compilation_cache_path(c, "/runs/x", current="/env/cache") == "/explicit"
   c.compilation_cache_dir = "none"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import posixpath
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -34,16 +35,20 @@ Batch = Mapping[str, jax.Array]
 
 
 def sibling_dir(workdir: str, name: str) -> str:
-  """``<workdir>/../<name>``: where the runs of one sweep share caches. A remote (gs://) work
-  dir's caches are this host's own (``~/.cache/idat_jax/<name>``): decode caches are
-  memory-mapped and compiled programs are per host."""
+  """``<workdir>/../<name>``: where the runs of one sweep share a cache (local or gs://)."""
   if fileio.is_remote(workdir):
-    return fileio.host_cache_dir(name)
+    return posixpath.join(posixpath.dirname(workdir.rstrip("/")), name)
   return os.path.join(os.path.dirname(os.path.abspath(workdir)), name)
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.cache_dir or sibling_dir(workdir, "cache")
+  """The decode cache: ``data.cache_dir``, else beside a local work dir, else (gs:// work dir)
+  this host's ``~/.cache/idat_jax/cache``: it is memory-mapped, so it must be local."""
+  if config.data.cache_dir:
+    return config.data.cache_dir
+  if fileio.is_remote(workdir):
+    return fileio.host_cache_dir("cache")
+  return sibling_dir(workdir, "cache")
 
 
 def build_source(config: ml_collections.ConfigDict, split: str) -> Source:
