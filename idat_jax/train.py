@@ -584,6 +584,7 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
         logging.info("stopping at step %d as asked (config.stop_after_steps)", done)
         break
     ckpt.wait()  # a failed write (e.g. a full disk) is reported here, not after the summary
+    writer.sync()  # likewise a failed upload of a remote metrics.jsonl (close only logs one)
   finally:
     s.train_data.close()
     writer.close()
