@@ -160,6 +160,11 @@ def test_csv_reader_values_skips_and_errors(tmp_path):
     MultiLabelCsvSource(short, "train")
   with pytest.raises(DataNotPreparedError, match="test.csv not found"):
     MultiLabelCsvSource(root, "test")
+  wide = tmp_path / "wide"
+  wide.mkdir()
+  (wide / "train.csv").write_text("path," + ",".join(f"l{i}" for i in range(32)) + "\n")
+  with pytest.raises(DataError, match=r"train\.csv: 32 label columns; at most 31"):
+    MultiLabelCsvSource(str(wide), "train")
 
 
 # ---------------------------------------------------------------------------------------------

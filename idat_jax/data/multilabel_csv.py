@@ -115,6 +115,9 @@ class MultiLabelCsvSource(MultiLabelSource):
     names = [n.strip() for n in rows[0][1:]]
     if len(set(names)) != len(names) or not all(names):
       raise DataError(f"{csv_path}: label names in the header must be unique and non-empty")
+    if len(names) > MAX_LABELS:
+      raise DataError(f"{csv_path}: {len(names)} label columns; at most {MAX_LABELS} fit the "
+                      "packed int32 label: split the label set over several tasks")
     base = os.path.dirname(os.path.abspath(csv_path))
     paths, hots, missing = [], [], []
     for line, row in enumerate(rows[1:], start=2):
