@@ -115,9 +115,9 @@ class _RemoteLines:
 
   def __init__(self, path: str):
     self.name = path
-    self._text = fileio.read_text(path) if fileio.exists(path) else ""
     self._buffer = io.StringIO()
-    self._buffer.write(self._text)
+    if fileio.exists(path):  # the rows kept from earlier segments (see drop_rows_after)
+      self._buffer.write(fileio.read_text(path))
     self._uploaded = time.monotonic()
 
   def write(self, text: str) -> None:
