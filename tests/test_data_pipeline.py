@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from idat_jax import data, sharding
-from idat_jax.data import pipeline
+from idat_jax.data import host_batches
 
 
 def _id_source(n: int, size: int = 4) -> data.ArraySource:
@@ -262,7 +262,7 @@ def test_streaming_iterator_surfaces_decode_errors(mesh, tmp_path):
 
 def test_streaming_iterator_splits_batches_over_simulated_hosts(mesh):
   source = _id_source(50)
-  shares = [pipeline.StreamingTrainIterator(source, 4, 16, mesh, seed=1, process_index=p,
+  shares = [host_batches.StreamingTrainIterator(source, 4, 16, mesh, seed=1, process_index=p,
                                             process_count=2) for p in range(2)]
   for step in range(3):
     both = np.concatenate([s.local_indices(4, step) for s in shares])

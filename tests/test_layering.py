@@ -9,12 +9,12 @@ layer, never one at its own layer or above (every import counts, also the ones i
 2. ``data`` (tasks, readers, pipelines) and ``checkpoints`` (weight files as plain NumPy trees,
    LoRA merging, Orbax run checkpoints read as weights): independent of each other and of any
    model.
-3. ``models``: the Flax ViT and its PEFT options.
+3. ``models`` (the Flax ViT and its PEFT options) and ``training`` (the trainer's parts:
+   trainable rules, optimizers, schedules, checkpointer, work-dir lock, metrics): independent
+   of each other; neither knows any method.
 4. ``methods``: what a method computes (models, losses, its inputs), built on models and weights.
-5. ``training``: the trainer's parts (trainable rules, optimizers, schedules, checkpointer,
-   work-dir lock, metrics), which may use methods but not the reverse.
-6. ``train``: the generic trainer.
-7. ``main``, ``demo``, ``launch``, ``export``: programs.
+5. ``train``: the generic trainer.
+6. ``main``, ``demo``, ``launch``, ``export``: programs.
 
 A new top-level module or subpackage must be placed in ``LAYERS`` (the test says so), so the
 order stays a decision rather than an accident.
@@ -32,9 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("tree_util", "fileio", "sharding", "config_lib"),
     ("data", "checkpoints"),
-    ("models",),
+    ("models", "training"),
     ("methods",),
-    ("training",),
     ("train",),
     ("main", "demo", "launch", "export"),
 ]

@@ -15,15 +15,16 @@ from idat_jax.data.base import (ArraySource, DataError, DataNotPreparedError, So
 from idat_jax.data.cache import cache_entry_dir, load_arrays
 from idat_jax.data.digits import DigitsTask, write_digits_task
 from idat_jax.data.folder import FolderTaskSource, read_list_file
+from idat_jax.data.host_batches import (DEFAULT_RESIDENT_BUDGET_BYTES, EvalIterator,
+                                        StreamingTrainIterator)
 from idat_jax.data.image_folder import ImageFolderSource, few_shot_count, few_shot_select
 from idat_jax.data.loader import BACKENDS, load_task_split, open_task_split, stratified_split
-from idat_jax.data.pipeline import (DEFAULT_RESIDENT_BUDGET_BYTES, EvalIterator,
-                                    ResidentTrainSet, StreamingTrainIterator, batch_indices,
-                                    epoch_permutation, gather_batch, put_resident_train,
-                                    resident_train_set, steps_per_epoch)
 from idat_jax.data.preprocess import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN,
                                       INCEPTION_STD, NORMALIZATIONS, normalization_stats,
                                       normalize, random_resized_crop_flip, resize)
+from idat_jax.data.resident import (ResidentTrainSet, batch_indices, epoch_permutation,
+                                    gather_batch, put_resident_train, resident_train_set,
+                                    steps_per_epoch)
 from idat_jax.data.synthetic import SyntheticTaskSource
 from idat_jax.data.tfds_backend import TfdsImageSource, TfdsTaskSource
 from idat_jax.data.vtab import (ALIASES, DEFAULT_EVAL_SPLIT, DEFAULT_TRAIN_SPLIT, GROUPS,

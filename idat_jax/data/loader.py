@@ -1,4 +1,4 @@
-"""One entry point for the trainer: a VTAB task split from either backend."""
+"""One entry point for the trainer: a task split from any registered backend."""
 
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ def split_rngs(rng: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
 
 def build_model(mcfg: ml_collections.ConfigDict, *, num_classes: int,
                 image_size: int) -> tuple[VisionTransformer, list[tuple[str, bool]]]:
-  """A ViT and its trainable rules from a model config block (see configs/common.py)."""
+  """A ViT and its trainable rules from a model config block (``config_lib.model_config``)."""
   tuning = mcfg.tuning
   overrides = model_overrides(
       tuning.mode, adapter_dim=tuning.adapter_dim, adapter_scale=tuning.adapter_scale,
