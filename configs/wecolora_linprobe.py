@@ -23,7 +23,7 @@ Data sets (``dataset=``), each with the reference's probe preprocessing (``main_
   eval Resize((224, 224)); the reference's RESISC45 mean/std.
 * ``chestxray``: NIH ChestX-ray14 in its official layout (``root=DIR``; train_val_list / test_list),
   15 labels with "No Finding", BCE-with-logits, mean AUROC over the labels; train images get
-  Resize(224) + flip + ColorJitter(0.2, 0.2), streamed; eval Resize(224); mean 0.5057, std 0.2507.
+  Resize(224) + flip + ColorJitter(0.2, 0.2), streamed; eval Resize(224); mean 0.5057, std 0.2507 (eval 0.2508).
 * ``csv``: ``root=DIR`` with ``DIR/train.csv`` and ``DIR/test.csv`` (image path + 0/1 label
   columns; e.g. RSNA): multi-label like ChestX-ray14, direct resize unless ``transform=``.
 

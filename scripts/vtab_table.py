@@ -1,6 +1,6 @@
 """Paper-style VTAB-1K table from the ``results.csv`` files of one or more sweeps.
 
-    python scripts/vtab_table.py runs/idat runs/adapter --out runs/table [--metric best_top1]
+    python scripts/vtab_table.py runs/idat runs/adapter --out runs/table [--metric last]
 
 Each positional argument is a sweep directory (as written by scripts/run_vtab.sh); its rows
 are averaged over seeds per task. Prints Markdown, writes ``<out>.md``, ``<out>.csv`` and a
@@ -30,6 +30,19 @@ SHORT = {"cifar": "cifar100", "oxford_flowers102": "flowers102", "oxford_iiit_pe
          "patch_camelyon": "camelyon", "diabetic_retinopathy": "retinopathy"}
 
 
+def result_value(row: dict[str, str], which: str, path: str) -> float:
+  """A results.csv row's best or last evaluation, whatever its metric (top-1, mean AUROC).
+
+  The trainer writes ``metric`` and its ``best``/``last`` values; files of older versions
+  have only ``best_top1``/``last_top1`` (which held AUROC too).
+  """
+  for key in (which, f"{which}_{row.get('metric') or 'top1'}", f"{which}_top1"):
+    if row.get(key) not in (None, ""):
+      return float(row[key])
+  raise ValueError(f"{path}: row of {row.get('workdir') or 'a run'} has no {which!r} value "
+                   f"(metric {row.get('metric') or 'top1'!r}); was the run finished?")
+
+
 def read_sweep(root: str, metric: str) -> tuple[dict[str, float], dict[str, int], float]:
   """Task -> mean metric over seeds, task -> number of seeds, mean trainable params (M)."""
   values: dict[str, list[float]] = defaultdict(list)
@@ -41,8 +54,7 @@ def read_sweep(root: str, metric: str) -> tuple[dict[str, float], dict[str, int]
   for path in files:
     with open(path, newline="", encoding="utf-8") as f:
       for row in csv.DictReader(f):
-        if row.get(metric) in (None, ""):
-          raise ValueError(f"{path}: column {metric!r} is empty or missing")
+        row["value"] = str(result_value(row, metric, path))
         # One run is one seed: a work dir listed twice (a finished command run again by an
         # older version) counts once, with its last row.
         run = os.path.abspath(row.get("workdir") or os.path.dirname(path))
@@ -50,7 +62,7 @@ def read_sweep(root: str, metric: str) -> tuple[dict[str, float], dict[str, int]
           print(f"note: {run} has more than one result row; counting its last one")
         latest[run] = (path, row)
   for _, row in latest.values():
-    values[row["task"]].append(float(row[metric]))
+    values[row["task"]].append(float(row["value"]))
     params.append(float(row["trainable_params"]))
   means = {t: float(np.mean(v)) for t, v in values.items()}
   counts = {t: len(v) for t, v in values.items()}
@@ -124,7 +136,8 @@ def bar_chart(sweeps, path: str) -> None:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("sweeps", nargs="+", help="sweep directories (label = directory name)")
-  parser.add_argument("--metric", default="best_top1", choices=["best_top1", "last_top1"])
+  parser.add_argument("--metric", default="best", choices=["best", "last"],
+                      help="each run's best or last evaluation (default best)")
   parser.add_argument("--out", default="vtab_table", help="output prefix (.md/.csv/.png)")
   args = parser.parse_args(argv)
   sweeps = {os.path.basename(os.path.normpath(s)): read_sweep(s, args.metric) for s in args.sweeps}

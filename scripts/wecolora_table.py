@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Any
 
-from vtab_table import pyplot_or_note, to_markdown  # scripts/ (this script's folder)
+from vtab_table import pyplot_or_note, result_value, to_markdown  # scripts/ (this script's folder)
 
 DATASET_NAMES = {"imagenet": "ImageNet", "chestxray": "ChestX-ray14", "inat19": "iNaturalist",
                  "resisc45": "RESISC45", "cifar100": "CIFAR-100"}
@@ -47,12 +47,7 @@ def run_value(run_dir: str, which: str) -> float | None:
     rows = list(csv.DictReader(f))
   if not rows:
     return None
-  row = rows[-1]
-  metric = row.get("metric") or "top1"
-  for key in (f"{which}_{metric}", f"{which}_top1"):
-    if row.get(key) not in (None, ""):
-      return float(row[key])
-  raise ValueError(f"{path}: no column {which}_{metric} or {which}_top1 with a value")
+  return result_value(rows[-1], which, path)
 
 
 def collect(sweep: str, which: str) -> dict[tuple, dict[str, Any]]:

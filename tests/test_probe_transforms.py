@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from idat_jax.data import preprocess, probe_transforms as pt
+from idat_jax.data import inputs, preprocess, probe_transforms as pt
 from idat_jax.data.base import ArraySource
 
 
@@ -154,6 +154,16 @@ def test_transformed_source_caches_under_its_own_key():
 
 def test_normalizations_are_registered():
   assert preprocess.normalization_stats("chestxray") == ((0.5057,) * 3, (0.2507,) * 3)
+  # The reference evaluates ChestX-ray14 with std 0.2508 (its training transform has 0.2507).
+  assert preprocess.normalization_stats("chestxray", evaluation=True) == (
+      (0.5057,) * 3, (0.2508,) * 3)
+  assert preprocess.normalization_stats("imagenet", evaluation=True) == (
+      preprocess.normalization_stats("imagenet"))
+  white = {"image": np.full((1, 2, 2, 3), 255, np.uint8)}
+  np.testing.assert_allclose(inputs.image_input("chestxray")(white), (1 - 0.5057) / 0.2508,
+                             rtol=1e-6)
+  np.testing.assert_allclose(inputs.image_batch("chestxray")(white)["image"],
+                             (1 - 0.5057) / 0.2507, rtol=1e-6)
   assert preprocess.normalization_stats("resisc45") == (
       (0.3684, 0.3813, 0.3439), (0.1999, 0.1814, 0.1808))
   with pytest.raises(ValueError, match="unknown probe transform"):

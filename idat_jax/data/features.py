@@ -124,13 +124,13 @@ def cached_inputs(config: ml_collections.ConfigDict, mesh: Mesh, workdir: str,
                   ) -> tuple[inputs.TrainData, inputs.EvalData]:
   """Runs ``feature_fn(params, images)`` once over the train and eval splits; returns the
   train input (features resident on the devices) and the eval input (cached features)."""
-  normalize = inputs.normalizer(config.data.normalization)
   cache = inputs.cache_dir(config, workdir)
   data = {}
   for split, source in (("train", train_source), ("eval", eval_source)):
     batches = EvalIterator(source, config.data.image_size, config.eval_batch_size, mesh,
                            resident_budget_bytes=0, cache_dir=cache)
     t0 = time.time()
+    normalize = inputs.normalizer(config.data.normalization, evaluation=split == "eval")
     data[split] = extract(feature_fn, params, batches, normalize)
     logging.info("cached %d %s features of dim %d in %.1f s", data[split][0].shape[0], split,
                  data[split][0].shape[1], time.time() - t0)

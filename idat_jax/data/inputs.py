@@ -91,10 +91,11 @@ def data_facts(config: ml_collections.ConfigDict, source: Source) -> DataFacts:
   return DataFacts(len(source), source.num_classes)
 
 
-def normalizer(name: str) -> Callable[[jax.Array], jax.Array]:
-  """uint8 images -> float, on the device ('inception': [-1, 1]; 'imagenet': mean/std)."""
-  preprocess.normalization_stats(name)  # validates the name early
-  return functools.partial(preprocess.normalize, mean=name)
+def normalizer(name: str, *, evaluation: bool = False) -> Callable[[jax.Array], jax.Array]:
+  """uint8 images -> float, on the device ('inception': [-1, 1]; 'imagenet': mean/std);
+  ``evaluation``: with the statistics the reference evaluates with (they may differ)."""
+  mean, std = preprocess.normalization_stats(name, evaluation=evaluation)
+  return functools.partial(preprocess.normalize, mean=mean, std=std)
 
 
 def image_batch(normalization: str) -> Callable[[Batch], Batch]:
@@ -105,7 +106,7 @@ def image_batch(normalization: str) -> Callable[[Batch], Batch]:
 
 def image_input(normalization: str) -> Callable[[Batch], jax.Array]:
   """Inside jit: an eval batch's normalised images (the evaluated model's input)."""
-  normalize = normalizer(normalization)
+  normalize = normalizer(normalization, evaluation=True)
   return lambda batch: normalize(batch["image"])
 
 

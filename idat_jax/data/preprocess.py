@@ -32,14 +32,22 @@ NORMALIZATIONS = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
 }
 
+# Named normalisations whose reference evaluates with other statistics than it trains with
+# (ChestX-ray14's probe: std 0.2507 in training, 0.2508 in evaluation); see probe_transforms.
+EVAL_NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+
 # Extensions that torchvision's ImageFolder accepts (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(mean, std) of a named normalisation: 'inception' ([-1, 1]) or 'imagenet'."""
+def normalization_stats(name: str, *, evaluation: bool = False
+                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) of a named normalisation ('inception': [-1, 1], 'imagenet', ...); with
+  ``evaluation`` the statistics the reference evaluates with, where they differ."""
   if name not in NORMALIZATIONS:
     raise ValueError(f"unknown normalization {name!r}; valid: {', '.join(NORMALIZATIONS)}")
+  if evaluation and name in EVAL_NORMALIZATIONS:
+    return EVAL_NORMALIZATIONS[name]
   return NORMALIZATIONS[name]
 
 
