@@ -40,7 +40,7 @@ from idat_jax.errors import (CheckpointError, CheckpointNotFoundError, ConfigErr
                              StorageError)
 from idat_jax.training import workdir as wd
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
-from idat_jax.training.metrics import MetricWriter, append_result
+from idat_jax.training.metrics import MetricWriter, append_result, json_safe, to_json
 
 
 class NonFiniteLossError(IdatError, FloatingPointError):
@@ -562,12 +562,17 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
                                       or done == s.total_steps):
           result = evaluate(s, eval_step, s.state, eval_data)
           value = result[metric]
-          meta["last_top1"] = value
+          # What the metric comes with (a multi-label probe: each label's AUROC and the
+          # number of labels in the mean) is kept for the last and the best evaluation.
+          details = json_safe({k: v for k, v in result.items()
+                               if k not in (metric, "eval_examples")})
+          meta["last_top1"], meta["last_details"] = value, details
           if meta["best_top1"] is None or value > meta["best_top1"]:
             meta["best_top1"], meta["best_epoch"] = value, epoch
+            meta["best_details"] = details
           meta["history"].append([epoch, value])
           writer.write(done, {f"test_{metric}": value, f"best_{metric}": meta["best_top1"],
-                              "epoch": epoch})
+                              "epoch": epoch, **{f"test_{k}": v for k, v in details.items()}})
           logging.info("epoch %d: test %s %.2f (best %.2f at epoch %d)", epoch, metric, value,
                        meta["best_top1"], meta["best_epoch"])
         t_save = time.time()
@@ -604,13 +609,15 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
       epochs=s.total_epochs, wall_time_s=round(prior_elapsed + time.time() - t_start, 2),
       workdir=fileio.abspath(workdir), finished=finished, step=int(s.state["step"]),
       counts=s.counts, setup_s=round(setup_s, 3), epoch_times=epoch_times,
-      resume_overrides=meta.get("resume_overrides") or [])
+      resume_overrides=meta.get("resume_overrides") or [],
+      **{f"last_{k}": v for k, v in (meta.get("last_details") or {}).items()},
+      **{f"best_{k}": v for k, v in (meta.get("best_details") or {}).items()})
   if finished and jax.process_index() == 0:
     summary.update(s.method.finalize(
         jax.device_get(tr.combine(s.state["trainable"], s.frozen)), workdir))
     append_result(os.path.join(workdir, "results.csv"), summary)
     fileio.write_text(os.path.join(workdir, SUMMARY_FILE),
-                      json.dumps(summary, indent=1, default=str))
+                      to_json(summary, indent=1))
   return summary
 
 

@@ -186,7 +186,8 @@ def test_multilabel_probe_through_the_cli(tmp_path, augment):
       extra = names[int(rng.integers(1, 4))]
       out.append(first if first == "No Finding" or extra == first else f"{first}|{extra}")
     return out
-  write_nih(root, draw(48), draw(40), size=40)
+  test_findings = draw(40)
+  write_nih(root, draw(48), test_findings, size=40)
   arch = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
   teacher = str(tmp_path / "teacher.npz")
   ck.save_npz(random_params(build_vit(None, 0, image_size=32, **arch), seed=0), teacher)
@@ -218,7 +219,55 @@ def test_multilabel_probe_through_the_cli(tmp_path, augment):
   cache = os.path.join(str(tmp_path), "cache", "chestxray14", "cxr")
   assert any(name.startswith("test_cxr_32px") for name in os.listdir(cache)), os.listdir(cache)
   assert row.get("train_features") == ("streamed" if augment else "cached")
-  print(f"\n[cxr-cli] augment={augment}: mean AUROC {last:.2f} over {len(LABELS)} labels")
+  # Per-label AUROCs and the number of labels in the mean are saved everywhere; a label with
+  # one class only in the test split (11 of the 15 never occur) is JSON null, never NaN.
+  positives = {name: sum(name in f.split("|") for f in test_findings) for name in LABELS}
+  defined = [n for n in LABELS if 0 < positives[n] < len(test_findings)]
+  summary = _strict_json(open(os.path.join(workdir, "summary.json")).read())
+  details = _strict_json(rows[0]["details"])
+  for record in (summary, details):
+    assert record["last_auroc_labels"] == len(defined) and record["best_auroc_labels"]
+    assert record["last_auroc/Atelectasis"] is None
+    for name in defined:
+      assert 0.0 <= record[f"last_auroc/{name}"] <= 100.0
+    assert np.mean([record[f"last_auroc/{n}"] for n in defined]) == pytest.approx(
+        summary["last"], abs=1e-9)
+  assert summary["metric"] == "mean_auroc" and row["best"] and row["last"]
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    _strict_json(line)
+  assert evals[-1]["test_auroc_labels"] == len(defined)
+  assert evals[-1]["test_auroc/Hernia"] == summary["last_auroc/Hernia"]
+  scalars = _tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+  assert scalars["test_auroc/Effusion"][-1] == pytest.approx(summary["last_auroc/Effusion"],
+                                                             rel=1e-6)
+  assert scalars["test_auroc_labels"][-1] == len(defined)
+  assert "test_auroc/Atelectasis" not in scalars
+  print(f"\n[cxr-cli] augment={augment}: mean AUROC {last:.2f} over {len(defined)} labels")
+
+
+def _strict_json(text: str):
+  """json.loads that refuses NaN/Infinity (not JSON, though Python writes them by default)."""
+  def refuse(constant):
+    raise ValueError(f"non-standard JSON constant {constant} in {text[:200]!r}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def _tensorboard_scalars(logdir: str) -> dict[str, list[float]]:
+  """Tag -> values of every scalar in a TensorBoard log dir (TFRecord framing read here)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out: dict[str, list[float]] = {}
+  for name in sorted(os.listdir(logdir)):
+    with open(os.path.join(logdir, name), "rb") as fh:
+      data = fh.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        out.setdefault(value.tag, []).append(value.simple_value)
+  return out
 
 
 def test_streamed_cxr_batches_are_the_reference_train_transform(tmp_path):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import errno
 import io
-import logging
 import json
+import logging
+import math
 import os
 import threading
 import time
@@ -31,6 +32,24 @@ def _plain(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray)):
     return value.item() if np.ndim(value) == 0 else np.asarray(value).tolist()
   return value
+
+
+def json_safe(value: Any) -> Any:
+  """``value`` with NumPy scalars/arrays as Python values and non-finite floats as ``None``,
+  so the JSON written is standard (a bare ``NaN`` is not JSON; an undefined AUROC is null)."""
+  value = _plain(value)
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
+def to_json(value: Any, **kwargs) -> str:
+  """Standard JSON of a summary or metrics row (see :func:`json_safe`)."""
+  return json.dumps(json_safe(value), allow_nan=False, default=str, **kwargs)
 
 
 class MetricWriter:
@@ -66,9 +85,9 @@ class MetricWriter:
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.active:
       return
-    row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    row = json_safe({"step": int(step), **metrics})
     try:
-      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.write(to_json(row) + "\n")
       self._jsonl.flush()
     except OSError as e:
       if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -229,12 +248,12 @@ def append_result(path: str, row: Mapping[str, Any]) -> None:
   writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
   if not existing:
     writer.writeheader()
-  out = {k: _plain(row.get(k, "")) for k in RESULT_FIELDS if k != "details"}
+  out = {k: json_safe(row.get(k, "")) for k in RESULT_FIELDS if k != "details"}
   metric = row.get("metric", "top1")
   details = {k: _plain(v) for k, v in row.items() if k not in _SUMMARY_ONLY
              and k not in (f"best_{metric}", f"last_{metric}")
              and isinstance(v, (str, int, float, bool, type(None)))}
-  out["details"] = json.dumps(details, sort_keys=True) if details else ""
+  out["details"] = to_json(details, sort_keys=True) if details else ""
   writer.writerow(out)
   with fileio.atomic_write(path) as tmp:
     with open(tmp, "w", newline="", encoding="utf-8") as f:
