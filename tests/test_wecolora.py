@@ -779,3 +779,50 @@ def test_linprobe_config_reference_values():
   run = module.get_config("r=3,student_run=runs/weco/r3")
   assert (run.probe.reduction, run.probe.student_run) == (3, "runs/weco/r3")
   assert module.get_config("r=1").probe.reduction == 1
+
+
+@pytest.mark.slow
+def test_weco_kd_distilled_at_another_image_size_is_probed(tmp_path):
+  """A WeCo+KD student distilled at 16 px from a teacher file native at 32 px trains its own
+  (resized) position table; the probe loads it and resizes it to the probe's image size,
+  instead of refusing a 'checkpoint (1, 17, 32) vs student (1, 5, 32)' mismatch."""
+  root = str(tmp_path / "digits")
+  _write_digits(root)
+  arch = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
+  teacher_npz = str(tmp_path / "teacher32.npz")
+  ck.save_npz(random_params(build_vit(None, 0, image_size=32, **arch), seed=3), teacher_npz)
+  assert ck.load_params(teacher_npz)["Transformer"]["posembed_input"]["pos_embedding"].shape == (
+      1, 17, 32)
+  c = config_lib.base_config()
+  c.method = "wecolora"
+  c.wecolora.update(dict(reduction=2, student="weco_kd"))
+  _digits_data(c, root, augment=True, few_shot_ratio=0.05)
+  c.models.teacher = _model_block(teacher_npz, "full", arch)
+  c.models.student = _model_block("", "full", arch)
+  c.batch_size = 20
+  c.optim.update(dict(name="adamw", lr=1e-3, schedule="constant", epochs=1))
+  c.eval_every_epochs = 0
+  distill_dir = str(tmp_path / "distill")
+  train.train_and_evaluate(c, distill_dir)
+  state, _ = read_run_checkpoint(os.path.join(distill_dir, "checkpoints"))
+  trained = flatten(state["trainable"]["student"])["Transformer/posembed_input/pos_embedding"]
+  assert trained.shape == (1, 5, 32)  # 16 px / patch 8: 2 x 2 patches + the class token
+  teacher = ck.load_params(teacher_npz)
+  student = flatten(load_distilled_student(teacher, 2, distill_dir))
+  np.testing.assert_array_equal(student["Transformer/posembed_input/pos_embedding"], trained)
+  for size in (16, 24):  # the distillation's size, and a third one (resized from the student's)
+    p = _probe_config(teacher_npz, distill_dir, reduction=2, arch=arch, image_size=size)
+    _digits_data(p, root, few_shot_ratio=0.05, image_size=size)
+    p.batch_size = 20
+    p.eval_batch_size = 200
+    p.optim.update(dict(name="lars", lr=0.1, weight_decay=0.0, momentum=0.9, epochs=1,
+                        schedule="constant"))
+    summary = train.train_and_evaluate(p, str(tmp_path / f"probe{size}"))
+    assert summary["finished"] and summary["backbone"] == "distilled"
+    assert summary["last_top1"] is not None
+  # Another width is still refused, and the message says what differs.
+  wide = str(tmp_path / "teacher_wide.npz")
+  ck.save_npz(random_params(build_vit(None, 0, image_size=32, **dict(arch, width=48)), seed=3),
+              wide)
+  with pytest.raises(ValueError, match=r"width 32 vs 48"):
+    load_distilled_student(ck.load_params(wide), 2, distill_dir)

@@ -17,6 +17,7 @@ reference. Multi-label sets train with BCE and report mean AUROC.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -24,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from idat_jax import checkpoints as ckpt_io
@@ -245,6 +247,32 @@ def _depth_of(tree: Params) -> int:
   return len(blocks)
 
 
+POSEMB = "Transformer/posembed_input/pos_embedding"
+
+
+def _shape_difference(name: str, distilled: tuple, copied: tuple) -> str:
+  """In words, what a parameter's two shapes say differs between the two models."""
+  if len(distilled) != len(copied):
+    return "another layout"
+  if distilled[-1] != copied[-1] and name.endswith(("kernel", "bias", "scale", "embedding")):
+    return f"width {distilled[-1]} vs {copied[-1]}"
+  return "another architecture (width, heads, MLP size or patch size)"
+
+
+def _posemb_mismatch(copied: np.ndarray, distilled: np.ndarray) -> str | None:
+  """None when the distilled position table is the copied one resized to another image size
+  (same width, a class token and a square patch grid, as resize_posemb makes it); else what
+  differs."""
+  if distilled.ndim != 3 or distilled.shape[-1] != copied.shape[-1]:
+    return (f"{POSEMB}: checkpoint {distilled.shape} vs student {copied.shape} (width "
+            f"{distilled.shape[-1]} vs {copied.shape[-1]}: another teacher architecture)")
+  side = math.isqrt(distilled.shape[1] - 1)
+  if side * side != distilled.shape[1] - 1:
+    return (f"{POSEMB}: checkpoint {distilled.shape} is not a class token plus a square patch "
+            f"grid, so it cannot be resized to the student's {copied.shape}")
+  return None
+
+
 def load_distilled_student(teacher: Params, reduction: int, student_run: str,
                            step: int | None = None, lora_scale: float = 1.0) -> Params:
   """Teacher tree -> weight-copied student, with a distillation run's weights merged in.
@@ -279,8 +307,16 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
   for name, value in rest.items():
     if name not in base:
       problems.append(f"{name} is not a parameter of the r={reduction} student")
+    elif name == POSEMB and base[name].shape != value.shape:
+      # A student distilled at another image size than the teacher file's native one trained
+      # its own (resized) table: that table is the student's, and the model's image size is
+      # reached by the usual resize when the tree is merged. Compare after resizing.
+      problem = _posemb_mismatch(base[name], value)
+      if problem:
+        problems.append(problem)
     elif base[name].shape != value.shape:
-      problems.append(f"{name}: checkpoint {value.shape} vs student {base[name].shape}")
+      problems.append(f"{name}: checkpoint {value.shape} vs student {base[name].shape} "
+                      f"({_shape_difference(name, value.shape, base[name].shape)})")
   for name, value in lora.items():
     kernel = name.split("/lora/")[0] + "/kernel"
     if kernel not in base:
@@ -288,8 +324,9 @@ def load_distilled_student(teacher: Params, reduction: int, student_run: str,
     elif name.endswith("/a") and value.shape[:-1] != base[kernel].shape[:value.ndim - 1]:
       problems.append(f"{name}: shape {value.shape} does not fit kernel {base[kernel].shape}")
   if problems:
-    raise ValueError(f"the distilled checkpoint in {student_run} does not match the student "
-                     f"(teacher depth, reduction r={reduction}): " + "; ".join(problems[:8]))
+    raise ValueError(f"the distilled checkpoint in {student_run} does not match the r={reduction} "
+                     "student copied from the teacher file (was it distilled from another "
+                     "teacher?): " + "; ".join(problems[:8]))
   base.update(rest)
   base.update(lora)
   return merge_lora(unflatten(base), scale=lora_scale)
