@@ -6,9 +6,10 @@ drop-last, 100 epochs + 10 cooldown epochs, timm warmup/cosine stepped per epoch
 decay on kernels only, student evaluated on the test split every epoch.
 
     python -m idat_jax.main --config configs/idat_vtab.py:task=dtd --workdir runs/idat/dtd \
-      --config.data.root=/data/vtab-1k \
-      --config.models.student.checkpoint=/ckpt/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz \
-      --config.models.teacher.checkpoint=/ckpt/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz
+      --config.data.root=/data/vtab-1k
+
+(both AugReg files are fetched on first use; ``--config.models.student.checkpoint=PATH|NAME|URL``
+overrides either).
 
 Arguments (``:key=value,...``):
   task      one of the 19 VTAB-1K folder names (aliases cifar100, flowers102, pets accepted),
@@ -30,8 +31,9 @@ Arguments (``:key=value,...``):
   seed      random seed (42 as the reference)
   eval_every  evaluate the student on the test split every N epochs (1 = the reference; the
             per-epoch test evaluation is ~90% of the protocol's compute, see docs/performance.md)
-  ckpt_dir  directory holding the two AugReg files under their official names (default
-            'pretrained'; fetch them with gsutil cp gs://vit_models/augreg/<name> pretrained/);
+  ckpt_dir  directory where the two AugReg files are looked for under their official names
+            (default 'pretrained'); a file that is not there is downloaded into the cache
+            (idat_jax/checkpoints/pretrained.py: augreg-in21k-B/16, augreg-in21k-S/16);
             'none' starts both models from random weights (speed runs only)
   dtype     compute dtype of both models: bfloat16 (default; the reference trains under fp16
             autocast) or float32. Parameters and optimizer state are float32 either way.

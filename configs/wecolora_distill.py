@@ -13,7 +13,9 @@ batch 128 x 8 accumulation, 10 epochs (2 warmup), per-step half-cycle cosine; fe
 Arguments: r (2), rank (128), lora (enhanced | plain), student (lora | weco_kd | no_copy),
 loss (last | segments), ratio (the paper's alpha: 0.01 or 0.1 of every class), root (the
 ImageNet-layout folder, same as --config.data.root), backend (image_folder | tfds_images),
-dataset (TFDS name for tfds_images, e.g. imagenet2012), teacher (checkpoint path), seed.
+dataset (TFDS name for tfds_images, e.g. imagenet2012), teacher (a path, a registered name such as
+mae-vit-base or timm-vit-base-patch16-224-jx, a URL or hf-hub:ORG/NAME; the default MAE file is
+downloaded when pretrained/ lacks it), seed.
 """
 
 from idat_jax import config_lib

@@ -29,7 +29,9 @@ Data sets (``dataset=``), each with the reference's probe preprocessing (``main_
 
 Other arguments: r, student_run, backend (overrides the data set's), transform (overrides the
 data set's: resize_crop | cxr | resisc45 | direct), augment (False: no random train transform;
-features of the eval transform are cached), epochs, warmup (epochs, 10), teacher, seed.
+features of the eval transform are cached), epochs, warmup (epochs, 10), seed, teacher (a path,
+a registered name such as mae-vit-base or timm-vit-base-patch16-224-jx, a URL or
+hf-hub:ORG/NAME; the default MAE file is downloaded when pretrained/ lacks it).
 """
 
 from idat_jax import config_lib

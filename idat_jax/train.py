@@ -102,19 +102,22 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
   params, masks, counts, extras = {}, {}, {}, {}
   replicated = shd.replicated(mesh)
   specs = method.specs
+  files = {}  # model name -> the local file of its checkpoint (a name or URL is fetched once)
   for name, spec in specs.items():  # before any (possibly expensive) model init
-    if spec.checkpoint and not fileio.exists(spec.checkpoint):
+    files[name] = ckpt_io.resolve_pretrained(spec.checkpoint, model=name)
+    if files[name] and not fileio.exists(files[name]):
       raise CheckpointNotFoundError(
           f"pretrained checkpoint for model '{name}' not found: {spec.checkpoint} "
-          f"(resolved to {fileio.abspath(spec.checkpoint)}). Download it first (see the "
-          "README, 'Pretrained checkpoints') or set --config.models.<name>.checkpoint")
+          f"(resolved to {fileio.abspath(files[name])}). Give a registered name, a URL or a "
+          "path (README, 'Pretrained checkpoints'), or set "
+          f"--config.models.{name}.checkpoint")
   for i, (name, spec) in enumerate(specs.items()):
     example = spec.example_input if spec.example_input is not None else dummy_images(spec.module)
     key = jax.random.fold_in(rng, i)
     given = {}
     if spec.checkpoint:
       try:
-        loaded = ckpt_io.load_params(spec.checkpoint, num_heads=spec.num_heads)
+        loaded = ckpt_io.load_params(files[name], num_heads=spec.num_heads)
         if spec.load_transform is not None:
           loaded = spec.load_transform(loaded)
         shapes = jax.eval_shape(spec.module.init, key, example)["params"]

@@ -9,7 +9,9 @@ Our parameter tree *is* the official Google ViT `.npz` layout (see ``idat_jax.mo
 * :func:`merge_lora` folds LoRA into its kernels; :func:`save_npz` / :func:`export_npz` write
   trees back as `.npz` files timm reads;
 * :func:`copy_blocks` builds WeCoLoRA's weight-copied student;
-* :func:`read_run_checkpoint` reads another run's Orbax checkpoint (e.g. a distilled student).
+* :func:`read_run_checkpoint` reads another run's Orbax checkpoint (e.g. a distilled student);
+* :func:`resolve_pretrained` turns a registered name, URL or ``hf-hub:`` name into a cached,
+  verified local file (``pretrained.py``).
 
 This layer works on plain nested dicts of arrays and files; it imports no model code
 (``tests/test_layering.py`` checks the layer order). Slash-joined names come from
@@ -21,6 +23,9 @@ from idat_jax.checkpoints.load import (FORMATS, LoadInfo, load_params, load_pret
 from idat_jax.checkpoints.merge import MergeReport, merge_lora, merge_pretrained, resize_posemb
 from idat_jax.checkpoints.npz import export_npz, normalize_google_names, save_npz
 from idat_jax.checkpoints.orbax_run import read_run_checkpoint
+from idat_jax.checkpoints.pretrained import REGISTRY as PRETRAINED
+from idat_jax.checkpoints.pretrained import DownloadError, Pretrained
+from idat_jax.checkpoints.pretrained import resolve as resolve_pretrained
 from idat_jax.checkpoints.safetensors_io import read_safetensors
 from idat_jax.checkpoints.torch_state import (HEADS_BY_WIDTH, convert_torch_state,
                                               infer_num_heads)
@@ -32,7 +37,10 @@ __all__ = [
     "HEADS_BY_WIDTH",
     "CheckpointError",
     "LoadInfo",
+    "DownloadError",
     "MergeReport",
+    "PRETRAINED",
+    "Pretrained",
     "convert_torch_state",
     "copy_blocks",
     "export_npz",
@@ -47,6 +55,7 @@ __all__ = [
     "read_run_checkpoint",
     "read_safetensors",
     "resize_posemb",
+    "resolve_pretrained",
     "save_npz",
     "tree_equal",
 ]
