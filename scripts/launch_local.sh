@@ -15,6 +15,7 @@ if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
 fi
 N="$1"
 shift
-exec "${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}" \
+source scripts/python_env.sh
+exec "$PYTHON" \
   -m idat_jax.launch --num_processes "$N" \
   --devices_per_process "${DEVICES_PER_PROCESS:-4}" -- "$@"

@@ -30,7 +30,8 @@ if [[ -n "${PROJECT:-}" ]]; then PROJECT_FLAG=(--project "$PROJECT"); fi
 ARGS=""
 if [[ $# -gt 0 ]]; then ARGS=$(printf ' %q' "$@"); fi
 # The override goes after the arguments: absl rejects --config.x before --config itself.
-WORKER_CMD="cd $REPO_DIR && python3 -m idat_jax.main$ARGS --config.distributed.enabled=True"
+# Each worker runs its checkout's .venv when there is one (scripts/setup_env.sh), else python3.
+WORKER_CMD="cd $REPO_DIR && \$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 ) -m idat_jax.main$ARGS --config.distributed.enabled=True"
 GCLOUD=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all
         --command "$WORKER_CMD")
 if [[ "$DRY_RUN" == "1" ]]; then

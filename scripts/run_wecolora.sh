@@ -17,7 +17,8 @@
 # Teachers: TEACHER_SSL (MAE ViT-B/16 .pth), TEACHER_SUP (supervised ViT-B/16 .npz/.pth); a
 # teacher that is not set is skipped.
 # Selection (space-separated): TABLES ("1 2"), DATASETS ("imagenet chestxray inat19 resisc45
-# cifar100"). DRY_RUN=1 prints the commands without running them.
+# cifar100"), REDUCTIONS ("2 3": the r values run; table 1 has r = 2 only). DRY_RUN=1
+# prints the commands without running them.
 #
 # Layout (read by scripts/wecolora_table.py):
 #   OUT/distill/<teacher>/<variant>-r<r>-a<alpha>/            a distillation run
@@ -29,9 +30,10 @@
 set -euo pipefail
 OUT="${1:?usage: run_wecolora.sh OUT_DIR [extra --config flags]}"
 shift || true
-PYTHON="${PYTHON:-python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
 TABLES="${TABLES:-1 2}"
 DATASETS="${DATASETS:-imagenet chestxray inat19 resisc45 cifar100}"
+REDUCTIONS="${REDUCTIONS:-2 3}"
 
 teacher_path() {
   case "$1" in
@@ -92,7 +94,7 @@ probe() {  # probe TEACHER_NAME TEACHER_PATH R STUDENT_RUN PROBE_DIR DATASETS...
     local arg="dataset=$ds,r=$r,teacher=$tpath"
     [[ -n "$student_run" ]] && arg="$arg,student_run=$student_run"
     [[ "$root" != tfds ]] && arg="$arg,root=$root"
-    run "$dir/$ds" "configs/wecolora_linprobe.py:$arg" "$@"
+    run "$dir/$ds" "$REPO/configs/wecolora_linprobe.py:$arg" "$@"
   done
 }
 
@@ -118,6 +120,7 @@ plan() {
 
 declare -A copied_done=()
 while read -r tname r alpha variant sets; do
+  [[ " $REDUCTIONS " == *" $r "* ]] || continue
   tpath="$(teacher_path "$tname")"
   if [[ -z "$tpath" ]]; then
     echo "skip teacher $tname (TEACHER_${tname^^} is not set)"; continue
@@ -127,7 +130,7 @@ while read -r tname r alpha variant sets; do
   if [[ -z "${IMAGENET:-}" ]]; then
     echo "skip distillation $tname/$name (IMAGENET is not set)"; continue
   fi
-  run "$ddir" "configs/wecolora_distill.py:r=$r,ratio=$alpha,$(variant_args "$variant"),teacher=$tpath,root=$IMAGENET/train" "$@"
+  run "$ddir" "$REPO/configs/wecolora_distill.py:r=$r,ratio=$alpha,$(variant_args "$variant"),teacher=$tpath,root=$IMAGENET/train" "$@"
   if [[ "${DRY_RUN:-0}" != 1 && ! -f "$ddir/results.csv" ]]; then
     echo "distillation $ddir did not finish; its probes are skipped"; continue
   fi

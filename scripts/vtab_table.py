@@ -7,7 +7,8 @@ are averaged over seeds per task. Prints Markdown, writes ``<out>.md``, ``<out>.
 bar chart ``<out>.png`` (when matplotlib, the ``plots`` extra, is installed). The task columns
 come from the registry, ``idat_jax.data.vtab``. Means: per group (Natural / Specialized /
 Structured), the mean of the 19 tasks, and the mean of the three group means (papers use
-either; both are shown).
+either; both are shown). Tasks outside VTAB-1K (a user's folder tasks) get columns of their own
+after the means, and count in none of them.
 """
 
 from __future__ import annotations
@@ -69,11 +70,19 @@ def read_sweep(root: str, metric: str) -> tuple[dict[str, float], dict[str, int]
   return means, counts, float(np.mean(params)) / 1e6 if params else float("nan")
 
 
+def other_tasks(sweeps) -> list[str]:
+  """Tasks of the sweeps that are not VTAB-1K tasks (a user's folder tasks): shown in their own
+  columns after the 19, and left out of every mean."""
+  vtab_tasks = {t for tasks in ORDER.values() for t in tasks}
+  return sorted({t for means, _, _ in sweeps.values() for t in means} - vtab_tasks)
+
+
 def table_rows(sweeps: dict[str, tuple[dict[str, float], dict[str, int], float]]):
+  others = other_tasks(sweeps)
   header = ["method", "params (M)"]
   for group, tasks in ORDER.items():
     header += [SHORT.get(t, t) for t in tasks] + [group]
-  header += ["mean (19 tasks)", "mean (3 groups)"]
+  header += ["mean (19 tasks)", "mean (3 groups)"] + others
   rows = []
   for label, (means, _, params) in sweeps.items():
     row: list = [label, f"{params:.3f}"]
@@ -90,6 +99,7 @@ def table_rows(sweeps: dict[str, tuple[dict[str, float], dict[str, int], float]]
     complete = len(all_vals) == 19
     row.append(f"{np.mean(all_vals):.1f}" if complete else f"({len(all_vals)}/19)")
     row.append(f"{np.mean(group_means):.1f}" if complete else "")
+    row += ["" if means.get(t) is None else f"{means[t]:.1f}" for t in others]
     rows.append(row)
   return header, rows
 
@@ -117,7 +127,7 @@ def bar_chart(sweeps, path: str) -> None:
   plt = pyplot_or_note(path)
   if plt is None:
     return
-  tasks = [t for group in ORDER.values() for t in group]
+  tasks = [t for group in ORDER.values() for t in group] + other_tasks(sweeps)
   fig, ax = plt.subplots(figsize=(16, 5))
   width = 0.8 / max(len(sweeps), 1)
   for i, (label, (means, _, _)) in enumerate(sweeps.items()):
