@@ -6,6 +6,7 @@ Every key a run may set is declared here, so configs can be locked and a misspel
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -243,3 +244,80 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require("://" not in cache, "data.cache_dir", cache,
            "must be a local directory (the decode cache is memory-mapped); '' puts it beside a "
            "local work dir, or in ~/.cache/idat_jax/cache for a gs:// one")
+  validate_values(config)
+
+
+SEED_MAX = 2**31 - 1  # seeds reach jitted code as int32 under JAX's default (x64 off)
+
+
+def _number(value: Any) -> float | None:
+  """``value`` as a float when it is a real number (not a bool); else None."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return float(value)
+
+
+def _in_range(config: ml_collections.ConfigDict, key: str, low: float, high: float, *,
+              low_open: bool = False, high_open: bool = False, optional: bool = True) -> None:
+  """config.<key> is a finite number in the interval [low, high] (ends open as asked)."""
+  node: Any = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return  # a config without this key (a method's own section) checks it itself
+    node = node[part]
+  if node is None and optional:
+    return
+  value = _number(node)
+  interval = (("(" if low_open else "[") + f"{low:g}, " + ("inf" if high == float("inf")
+              else f"{high:g}") + (")" if high_open or high == float("inf") else "]"))
+  ok = value is not None and math.isfinite(value) and (
+      (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+  _require(ok, key, node, f"must be a finite number in {interval}")
+
+
+def validate_values(config: ml_collections.ConfigDict) -> None:
+  """Every hyperparameter in its range, checked when the config is parsed: a negative learning
+  rate would train by gradient ascent and still write a result row."""
+  for key in ("seed", "data.few_shot_seed", "data.stratified_seed"):
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if node is not None:
+      _require(isinstance(node, int) and not isinstance(node, bool) and 0 <= node <= SEED_MAX,
+               key, node, f"must be an integer in [0, {SEED_MAX}]")
+  inf = float("inf")
+  _in_range(config, "optim.lr", 0, inf, low_open=True)
+  _in_range(config, "optim.weight_decay", 0, inf)
+  _in_range(config, "optim.warmup_lr", 0, inf)
+  _in_range(config, "optim.min_lr", 0, inf)
+  _in_range(config, "optim.b1", 0, 1, high_open=True)
+  _in_range(config, "optim.b2", 0, 1, high_open=True)
+  _in_range(config, "optim.eps", 0, inf, low_open=True)
+  _in_range(config, "optim.momentum", 0, 1, high_open=True)
+  _in_range(config, "optim.trust_coefficient", 0, inf, low_open=True)
+  optim = config.get("optim") or {}
+  warmup, epochs = optim.get("warmup_epochs"), optim.get("epochs")
+  if isinstance(warmup, int) and isinstance(epochs, int):
+    _require(warmup <= epochs + (optim.get("cooldown_epochs") or 0), "optim.warmup_epochs",
+             warmup, f"must not exceed the run's epochs ({epochs} + "
+             f"{optim.get('cooldown_epochs') or 0} cooldown)")
+  for name in (config.get("models") or {}):
+    _in_range(config, f"models.{name}.dropout", 0, 1, high_open=True)
+    _in_range(config, f"models.{name}.drop_path", 0, 1, high_open=True)
+    _in_range(config, f"models.{name}.head_init_std", 0, inf)
+    tuning = f"models.{name}.tuning"
+    _in_range(config, f"{tuning}.adapter_init_std", 0, inf)
+    for key in ("adapter_dim", "lora_rank"):
+      value = config.models[name].tuning.get(key)
+      _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+               f"{tuning}.{key}", value, "must be an integer >= 1")
+  _in_range(config, "data.few_shot_ratio", 0, 1, low_open=True)
+  _in_range(config, "data.stratified_split", 0, 1, high_open=True)
+  scale = (config.get("data") or {}).get("crop_scale")
+  if scale is not None:
+    values = [_number(v) for v in scale] if isinstance(scale, (tuple, list)) else []
+    _require(len(values) == 2 and None not in values and 0 < values[0] <= values[1] <= 1,
+             "data.crop_scale", scale, "must be (low, high) with 0 < low <= high <= 1")
+  _in_range(config, "idat.temperature", 0, inf, low_open=True)
+  for key in ("student_weight", "teacher_weight", "distill_weight"):
+    _in_range(config, f"idat.{key}", 0, inf)
