@@ -28,6 +28,7 @@ full fine-tuning): combine them with the pretrained file named in the config.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any, Mapping
@@ -39,10 +40,15 @@ from absl import logging
 
 from idat_jax import checkpoints as ckpt_io
 from idat_jax import config_lib, fileio
+from idat_jax.errors import IdatError
 from idat_jax.tree_util import flatten
 
 CONFIG_FILE = "config.json"
 PROBE_BN_EPSILON = 1e-6  # MAE's BatchNorm1d(eps=1e-6) in front of the probe head
+
+
+def _one_line(error: Exception | str) -> str:
+  return " ".join(str(error).split())
 
 
 class ExportError(ValueError):
@@ -191,15 +197,45 @@ def _lora_scale(config, name: str) -> float:
   return float(block.tuning.lora_scale)
 
 
+def check_destination(out: str) -> None:
+  """Refuses an ``--out`` that cannot become the file(s), before any model is rebuilt: not a
+  ``.npz`` name (the loaders pick the format by extension), an existing directory, or a folder
+  that does not exist or cannot be written."""
+  if not out.endswith(".npz"):
+    raise ExportError(f"--out {out}: must end in .npz (the checkpoint readers choose the format "
+                      f"by the extension), e.g. --out {out.rstrip('/') or 'model'}.npz")
+  if fileio.isdir(out):
+    raise ExportError(f"--out {out} is a directory: give a file name, e.g. "
+                      f"{os.path.join(out, 'model.npz')}")
+  if fileio.is_remote(out):
+    return
+  folder = os.path.dirname(os.path.abspath(out))
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ExportError(f"--out {out}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ExportError(f"--out {out}: {existing} is not writable (permissions or a read-only "
+                      "file system); choose another --out")
+
+
 def export_run(workdir: str, out: str, *, step: int | None = None, merge_lora: bool = False,
                peft_only: bool = False) -> dict[str, str]:
-  """Writes the run's trained model(s) (see the module docstring); {model name: path}."""
+  """Writes the run's trained model(s) (see the module docstring); {model name: path}.
+
+  Each file is written atomically: a failed write (a full disk) leaves an earlier file of the
+  same name as it was."""
   if merge_lora and peft_only:
     raise ExportError("--merge-lora and --peft-only exclude each other: merging needs the "
                       "pretrained kernels that a PEFT-only file leaves out")
+  check_destination(out)
   config, params, facts = trained_models(workdir, step, peft_only=peft_only)
   models = _models_to_write(config, params, facts, peft_only)
   paths = output_paths(out, sorted(models, key=lambda n: (n != "student", n)))
+  for path in paths.values():
+    if fileio.isdir(path):
+      raise ExportError(f"{path} is a directory: choose another --out")
   for name, path in paths.items():
     tree = models[name]
     has_lora = any("/lora/" in k for k in flatten(tree))
@@ -234,8 +270,15 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
   try:
     paths = export_run(args.workdir, args.out, step=args.step, merge_lora=args.merge_lora,
                        peft_only=args.peft_only)
-  except (ValueError, FileNotFoundError) as e:  # ExportError and the project's user errors
-    parser.exit(1, f"error: {e}\n")
+  except (ValueError, IdatError) as e:  # ExportError and the project's user errors
+    parser.exit(1, f"error: {_one_line(e)}\n")
+  except OSError as e:  # the environment: a missing run, permissions, a full disk
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      what += ": free space and export again (an earlier file of that name is kept as it was)"
+    parser.exit(1, f"error: export of {args.workdir} to {args.out} failed{where}: "
+                   f"{_one_line(what)}\n")
   for name, path in paths.items():
     print(f"{name}: {path}")
   return paths

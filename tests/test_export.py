@@ -284,3 +284,68 @@ def test_export_errors_name_the_run_and_the_fix(idat_run, root, tmp_path):
     export.export_run(str(bad), str(tmp_path / "x.npz"))
   result = _cli(["--workdir", str(bad), "--out", str(tmp_path / "x.npz")])
   assert result.returncode == 1 and "error: the checkpoint in" in result.stderr
+
+
+def _mount_tmpfs(target, options):
+  """Mounts a tmpfs at ``target`` (root in a sandbox that allows it); False where it cannot."""
+  import shutil
+  if os.geteuid() != 0 or not shutil.which("mount"):
+    return False
+  os.makedirs(target, exist_ok=True)
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                        capture_output=True).returncode == 0
+
+
+def test_export_destinations_are_checked_in_one_line(idat_run, tmp_path):
+  """Issue 19: a directory, a name without .npz, gs:// without the GCS client: one line each,
+  exit 1, before any model is rebuilt (before: exit 0 and a file the loaders refuse, or a
+  traceback)."""
+  _, workdir, _ = idat_run
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "afile").write_text("x")
+  cases = [
+      (str(tmp_path / "folder"), "must end in .npz"),
+      (str(tmp_path / "model"), f"must end in .npz (the checkpoint readers choose the format by "
+                                f"the extension), e.g. --out {tmp_path / 'model'}.npz"),
+      (str(tmp_path / "afile" / "x.npz"), "is a file, not a folder"),
+      ("gs://bucket/model.npz", "gs:// paths need gcsfs"),
+  ]
+  (tmp_path / "dir.npz").mkdir()
+  cases.append((str(tmp_path / "dir.npz"), "is a directory: give a file name"))
+  for out, phrase in cases:
+    result = _cli(["--workdir", workdir, "--out", out])
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and phrase in errors[0], (out, result.stderr)
+    assert "Traceback" not in result.stderr
+  assert not os.path.exists(tmp_path / "model")
+  result = _cli(["--workdir", "gs://bucket/run", "--out", str(tmp_path / "x.npz")])
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "error: gs://bucket/run" in result.stderr and "gcsfs" in result.stderr
+
+
+@pytest.mark.skipif(not _mount_tmpfs("/tmp/idat_export_probe", "size=64k")
+                    or subprocess.run(["umount", "/tmp/idat_export_probe"]).returncode != 0,
+                    reason="needs permission to mount a small tmpfs")
+def test_export_to_a_full_or_read_only_disk_keeps_the_earlier_file(idat_run, tmp_path):
+  _, workdir, _ = idat_run
+  full, ro = tmp_path / "full", tmp_path / "ro"
+  assert _mount_tmpfs(full, "size=48k")
+  try:
+    earlier = full / "x.student.npz"
+    earlier.write_bytes(b"an earlier export")
+    result = _cli(["--workdir", workdir, "--out", str(full / "x.npz")])
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert "No space left on device" in errors[0] and "free space and export again" in errors[0]
+    assert earlier.read_bytes() == b"an earlier export"
+    assert sorted(os.listdir(full)) == ["x.student.npz"]  # no temporary file left behind
+  finally:
+    subprocess.run(["umount", "-l", str(full)], capture_output=True)
+  assert _mount_tmpfs(ro, "size=1m,ro")
+  try:
+    result = _cli(["--workdir", workdir, "--out", str(ro / "x.npz")])
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert "Read-only file system" in errors[0] or "not writable" in errors[0]
+  finally:
+    subprocess.run(["umount", "-l", str(ro)], capture_output=True)
