@@ -22,6 +22,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_pretrained_downloads(tmp_path_factory):
+  """Tests never reach the internet: a registered checkpoint (e.g. the iDAT recipe's default
+  ckpt_dir/<AugReg file>) comes from an empty cache, offline. The download tests serve their
+  own files and lift this per test (tests/test_pretrained_download.py)."""
+  os.environ["IDAT_JAX_CACHE"] = str(tmp_path_factory.mktemp("pretrained_cache"))
+  os.environ["IDAT_JAX_OFFLINE"] = "1"
+  yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def xla_compilation_cache(tmp_path_factory):
   """A persistent XLA cache for the test session: every trainer run builds fresh jitted
   functions, and on 2 CPU cores compiling identical programs again dominates the suite."""

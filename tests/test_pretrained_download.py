@@ -114,7 +114,8 @@ class Server:
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                   daemon=True)
     self.thread.start()
 
   def gets(self, path):
@@ -366,13 +367,60 @@ def test_full_disk_is_one_line(tmp_path, server, env, monkeypatch):
   assert not [f for d, _, fs in os.walk(env) for f in fs if f.endswith(".part")]
 
 
+def test_unwritable_cache_is_one_line(tmp_path, server, env, monkeypatch):
+  server.files["/w.npz"] = _npz_bytes(tmp_path)
+  (tmp_path / "a_file").write_text("x")
+  monkeypatch.setenv("IDAT_JAX_CACHE", str(tmp_path / "a_file" / "cache"))
+  with pytest.raises(ck.DownloadError) as e:
+    pretrained.resolve(server.url + "/w.npz", model="student")
+  msg = str(e.value)
+  assert "\n" not in msg and "cannot write the cache" in msg and "IDAT_JAX_CACHE" in msg
+  assert "model 'student'" in msg and server.url + "/w.npz" in msg
+  assert server.requests == []
+
+
+def test_a_file_put_in_the_cache_by_hand_is_verified_and_used(tmp_path, server, env, monkeypatch):
+  """The failure messages point at the cache path for names without a ckpt_dir: a file put
+  there by hand is used (offline too) once it parses; one that does not is set aside."""
+  data = _npz_bytes(tmp_path)
+  monkeypatch.setenv("IDAT_JAX_PRETRAINED_MIRROR", server.url + "/m")
+  monkeypatch.setenv("IDAT_JAX_OFFLINE", "1")
+  env.mkdir(parents=True)
+  (env / B16).write_bytes(data)
+  assert pretrained.resolve("augreg-in21k-B/16") == str(env / B16)
+  assert open(str(env / B16) + ".sha256").read().split()[0] == hashlib.sha256(data).hexdigest()
+  assert server.requests == []
+  monkeypatch.delenv("IDAT_JAX_OFFLINE")
+  server.files["/m/" + S16] = data
+  (env / S16).write_bytes(b"<!DOCTYPE html><html><body>saved by a browser</body></html>")
+  assert open(pretrained.resolve("augreg-in21k-S/16"), "rb").read() == data
+  assert len(server.gets("/m/" + S16)) == 1
+
+
+def test_a_stale_partial_file_of_another_version_starts_over(tmp_path, server, env):
+  data, other = _npz_bytes(tmp_path, seed=0), _npz_bytes(tmp_path, seed=1)
+  assert len(data) == len(other) and data != other
+  server.files["/w.npz"] = data
+  path = pretrained.resolve(server.url + "/w.npz")  # where the cache keeps this URL
+  os.remove(path)
+  os.remove(path + ".sha256")
+  with open(path + ".part", "wb") as f:  # an interrupted download of the file's old version
+    f.write(other[:len(other) // 2])
+  server.requests.clear()
+  assert pretrained.resolve(server.url + "/w.npz") == path
+  assert open(path, "rb").read() == data
+  assert [g[2] for g in server.gets("/w.npz")] == [f"bytes={len(other) // 2}-", None]
+  assert not os.path.exists(path + ".part")
+
+
 def test_offline_uses_the_cache_only(tmp_path, server, env, monkeypatch):
   server.files["/m/" + B16] = _npz_bytes(tmp_path)
   monkeypatch.setenv("IDAT_JAX_PRETRAINED_MIRROR", server.url + "/m")
   monkeypatch.setenv("IDAT_JAX_OFFLINE", "1")
-  with pytest.raises(ck.DownloadError, match=r"not in the cache .* IDAT_JAX_OFFLINE is set: "
-                     r"download .*/m/B_16"):
+  with pytest.raises(ck.NotCachedError, match=r"not in the cache .* IDAT_JAX_OFFLINE is set: "
+                     r"download .*/m/B_16") as e:
     pretrained.resolve("augreg-in21k-B/16")
+  assert isinstance(e.value, FileNotFoundError) and "\n" not in str(e.value)  # a missing file
   assert server.requests == []
   monkeypatch.delenv("IDAT_JAX_OFFLINE")
   path = pretrained.resolve("augreg-in21k-B/16")
@@ -388,6 +436,21 @@ def test_paths_and_unknown_names_pass_through(tmp_path, env):
   (tmp_path / "mine.npz").write_bytes(b"x")
   assert pretrained.resolve(str(tmp_path / "mine.npz")) == str(tmp_path / "mine.npz")
   assert "augreg-in21k-B/16" in pretrained.describe()
+  assert ck.resolve_checkpoint is pretrained.resolve is ck.resolve_pretrained
+
+
+def test_fetch_ahead_command(tmp_path, server, env, monkeypatch, capsys):
+  """``python -m idat_jax.checkpoints [NAME...]``: the list, a fetch, and a one-line error."""
+  assert pretrained.main([]) == 0
+  assert "mae-vit-base" in capsys.readouterr().out
+  server.files["/m/" + S16] = _npz_bytes(tmp_path)
+  monkeypatch.setenv("IDAT_JAX_PRETRAINED_MIRROR", server.url + "/m")
+  assert pretrained.main(["augreg-in21k-S/16"]) == 0
+  assert capsys.readouterr().out.strip() == str(env / S16)
+  assert pretrained.main(["augreg-in21k-B/16"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: pretrained checkpoint 'augreg-in21k-B/16': ") and "\n" not in err
+  assert "HTTP 404" in err and f"by hand to {env / B16}" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +461,8 @@ def _hub_env(server, tmp_path, **extra):
   env = dict(os.environ, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"),
              HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost",
              no_proxy="127.0.0.1,localhost", IDAT_JAX_CACHE=str(tmp_path / "cache"), **extra)
-  env.pop("HF_HUB_OFFLINE", None)
+  for key in ("HF_HUB_OFFLINE", "IDAT_JAX_OFFLINE"):  # (tests/conftest.py sets the latter)
+    env.pop(key, None)
   env.update(extra)
   return env
 
@@ -462,18 +526,19 @@ def test_two_processes_download_once(tmp_path, server, env, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's first run: :task=... with the default recipe fetches both AugReg files.
+# The README's first run: :task=dtd with the default recipe fetches both AugReg files (the
+# folder holds a 5-class digits task under dtd's name; its task.json gives the class count).
 
 
 @pytest.mark.slow
 def test_default_recipe_fetches_both_augreg_files_and_trains(tmp_path, server):
   from idat_jax.data import write_digits_task
-  write_digits_task(str(tmp_path / "vtab"), "my_digits", classes=range(5), train_size=50)
+  write_digits_task(str(tmp_path / "vtab"), "dtd", classes=range(5), train_size=50)
   for name in (B16, S16):
     server.files["/augreg/" + name] = _npz_bytes(tmp_path, seed=len(name), image_size=16)
-  workdir = tmp_path / "runs" / "my_digits"
-  args = ["--config", os.path.join(REPO, "configs", "idat_vtab.py") + ":task=my_digits,"
-          "recipe=custom,dtype=float32", "--workdir", str(workdir),
+  workdir = tmp_path / "runs" / "dtd"
+  args = ["--config", os.path.join(REPO, "configs", "idat_vtab.py") + ":task=dtd,dtype=float32",
+          "--workdir", str(workdir),
           f"--config.data.root={tmp_path / 'vtab'}", "--config.data.image_size=16",
           "--config.optim.epochs=1", "--config.optim.cooldown_epochs=0",
           "--config.optim.warmup_epochs=0", "--config.batch_size=25",
@@ -484,7 +549,8 @@ def test_default_recipe_fetches_both_augreg_files_and_trains(tmp_path, server):
   env = dict(os.environ, IDAT_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
              IDAT_JAX_PRETRAINED_MIRROR=server.url + "/augreg", NO_PROXY="127.0.0.1",
              no_proxy="127.0.0.1")
-  env.pop("XLA_FLAGS", None)
+  for key in ("XLA_FLAGS", "IDAT_JAX_OFFLINE"):
+    env.pop(key, None)
   # Run from a fresh folder: ckpt_dir's default 'pretrained/' does not exist there.
   out = subprocess.run([sys.executable, "-m", "idat_jax.main", *args], cwd=str(tmp_path),
                        env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True,

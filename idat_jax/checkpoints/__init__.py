@@ -10,8 +10,8 @@ Our parameter tree *is* the official Google ViT `.npz` layout (see ``idat_jax.mo
   trees back as `.npz` files timm reads;
 * :func:`copy_blocks` builds WeCoLoRA's weight-copied student;
 * :func:`read_run_checkpoint` reads another run's Orbax checkpoint (e.g. a distilled student);
-* :func:`resolve_pretrained` turns a registered name, URL or ``hf-hub:`` name into a cached,
-  verified local file (``pretrained.py``).
+* :func:`resolve_pretrained` (also ``resolve_checkpoint``) turns a registered name, URL or
+  ``hf-hub:`` name into a cached, verified local file (``pretrained.py``).
 
 This layer works on plain nested dicts of arrays and files; it imports no model code
 (``tests/test_layering.py`` checks the layer order). Slash-joined names come from
@@ -24,8 +24,9 @@ from idat_jax.checkpoints.merge import MergeReport, merge_lora, merge_pretrained
 from idat_jax.checkpoints.npz import export_npz, normalize_google_names, save_npz
 from idat_jax.checkpoints.orbax_run import read_run_checkpoint
 from idat_jax.checkpoints.pretrained import REGISTRY as PRETRAINED
-from idat_jax.checkpoints.pretrained import DownloadError, Pretrained
+from idat_jax.checkpoints.pretrained import DownloadError, NotCachedError, Pretrained
 from idat_jax.checkpoints.pretrained import resolve as resolve_pretrained
+from idat_jax.checkpoints.pretrained import resolve_checkpoint
 from idat_jax.checkpoints.safetensors_io import read_safetensors
 from idat_jax.checkpoints.torch_state import (HEADS_BY_WIDTH, convert_torch_state,
                                               infer_num_heads)
@@ -39,6 +40,7 @@ __all__ = [
     "LoadInfo",
     "DownloadError",
     "MergeReport",
+    "NotCachedError",
     "PRETRAINED",
     "Pretrained",
     "convert_torch_state",
@@ -55,6 +57,7 @@ __all__ = [
     "read_run_checkpoint",
     "read_safetensors",
     "resize_posemb",
+    "resolve_checkpoint",
     "resolve_pretrained",
     "save_npz",
     "tree_equal",

@@ -13,10 +13,11 @@ Downloads go to ``$IDAT_JAX_CACHE`` (default ``~/.cache/idat_jax/pretrained``) t
 ``.part`` file that becomes the cached file only when its size matches the server's, it parses
 as its format, and its published hash (or the sha256 prefix in a torch.hub-style file name,
 ``-80ecf9dd``) matches. The file's sha256 is recorded beside it and checked on every later
-use. Several processes of one host download once (a file lock); on a pod each host fills its
-own cache. ``IDAT_JAX_OFFLINE=1`` (``HF_HUB_OFFLINE=1`` for Hub names) uses the cache only.
-``IDAT_JAX_PRETRAINED_MIRROR=URL`` fetches registry files from ``URL/<file name>`` instead
-of their home (a mirror; the tests' local server).
+use; a file put at the cache path by hand (no record yet) is checked the same way (format,
+published hash) and then recorded. Several processes of one host download once (a file lock);
+on a pod each host fills its own cache. ``IDAT_JAX_OFFLINE=1`` (``HF_HUB_OFFLINE=1`` for Hub
+names) uses the cache only. ``IDAT_JAX_PRETRAINED_MIRROR=URL`` fetches registry files from
+``URL/<file name>`` instead of their home (a mirror; the tests' local server).
 
 Every failure is a :class:`DownloadError` whose one-line message names the checkpoint, the
 URL and where a hand-downloaded file would be picked up.
@@ -43,7 +44,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from idat_jax import fileio
-from idat_jax.errors import CheckpointError
+from idat_jax.errors import CheckpointError, CheckpointNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ _CHUNK = 1 << 20
 
 class DownloadError(CheckpointError):
   """A pretrained checkpoint that could not be fetched or verified (one-line message)."""
+
+
+class NotCachedError(DownloadError, CheckpointNotFoundError):
+  """Offline mode, and the checkpoint is not in the cache: a missing file like any other."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +148,14 @@ def resolve(spec: str, *, model: str = "", search_dirs: Sequence[str] = ()) -> s
     if os.path.isfile(candidate):
       return candidate
   dest = os.path.join(cache_dir(), entry.filename)
-  hand = os.path.join(folders[0], entry.filename) if folders else dest
-  return download(f"{what} ({entry.name})", mirrored(entry), dest,
+  hand = os.path.abspath(os.path.join(folders[0], entry.filename)) if folders else dest
+  if spec != entry.name:
+    what += f" ({entry.name})"
+  return download(what, mirrored(entry), dest,
                   sha256=entry.sha256 or _hash_in_name(entry.filename), hand_path=hand)
+
+
+resolve_checkpoint = resolve  # (the package also exports it as resolve_pretrained)
 
 
 def mirrored(entry: Pretrained) -> tuple[str, ...]:
@@ -201,15 +211,55 @@ def _cached(dest: str, what: str) -> bool:
   return False
 
 
+def _adopted(dest: str, what: str, sha256: str) -> bool:
+  """True when ``dest`` has no sha256 record yet (put there by hand, or a run stopped between
+  the rename and the record) but is a whole, verified checkpoint: its sha256 is recorded now.
+  A file that fails the checks is moved out of the way (with a warning) and fetched anew."""
+  if not os.path.isfile(dest) or os.path.isfile(dest + ".sha256"):
+    return False
+  try:
+    _check_download(dest, dest, dest, sha256)
+  except DownloadError as e:
+    log.warning("%s: ignoring %s, which is not the checkpoint (%s)", what, dest, e)
+    os.replace(dest, dest + ".corrupt")
+    return False
+  _record(dest, "placed by hand")
+  return True
+
+
+def _record(dest: str, source: str) -> str:
+  digest = sha256_of(dest)
+  record = dest + ".sha256"
+  with open(record + ".tmp", "w", encoding="utf-8") as f:
+    f.write(f"{digest}  {os.path.basename(dest)}  {source}\n")
+  os.replace(record + ".tmp", record)
+  return digest
+
+
 def download(what: str, urls: Sequence[str], dest: str, *, sha256: str = "",
              hand_path: str | None = None) -> str:
   """``dest``, downloaded from the first of ``urls`` that serves it, verified and recorded."""
   hand_path = hand_path or dest
+  try:
+    return _download_locked(what, urls, dest, sha256, hand_path)
+  except DownloadError:  # (NotCachedError is also an OSError)
+    raise
+  except OSError as e:  # the cache itself: not writable, a full disk outside the body, ...
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    raise DownloadError(
+        f"{what}: cannot write the cache at {dest} ("
+        + ("no space left on device" if full else (e.strerror or str(e)))
+        + f"); set IDAT_JAX_CACHE to a writable folder with room, or download {urls[0]} by hand "
+        f"to {hand_path}") from None
+
+
+def _download_locked(what: str, urls: Sequence[str], dest: str, sha256: str,
+                     hand_path: str) -> str:
   with _host_lock(dest):
-    if _cached(dest, what):
+    if _cached(dest, what) or _adopted(dest, what, sha256):
       return dest
     if offline():
-      raise DownloadError(f"{what} is not in the cache ({dest}) and IDAT_JAX_OFFLINE is set: "
+      raise NotCachedError(f"{what} is not in the cache ({dest}) and IDAT_JAX_OFFLINE is set: "
                           f"download {urls[0]} to {hand_path}, or unset IDAT_JAX_OFFLINE")
     errors = []
     for url in urls:
@@ -224,6 +274,7 @@ def download(what: str, urls: Sequence[str], dest: str, *, sha256: str = "",
 
 def _fetch_verified(url: str, dest: str, sha256: str) -> None:
   part = dest + ".part"
+  stale = os.path.isfile(part)  # left by an earlier, interrupted run: resumed below
   retries = int(_env_number("IDAT_JAX_DOWNLOAD_RETRIES", 4))
   backoff = _env_number("IDAT_JAX_DOWNLOAD_BACKOFF", 1.0)
   attempt = 0
@@ -240,15 +291,15 @@ def _fetch_verified(url: str, dest: str, sha256: str) -> None:
       time.sleep(delay)
   try:
     _check_download(url, part, dest, sha256)
-  except DownloadError:
+  except DownloadError as e:
     _remove(part)
+    if stale:  # the earlier part may be of another version of the file: start over once
+      log.warning("%s: the resumed download failed its checks (%s); starting over", url, e)
+      _fetch_verified(url, dest, sha256)
+      return
     raise
-  digest = sha256_of(part)
   os.replace(part, dest)
-  record = dest + ".sha256"
-  with open(record + ".tmp", "w", encoding="utf-8") as f:
-    f.write(f"{digest}  {os.path.basename(dest)}  {url}\n")
-  os.replace(record + ".tmp", record)
+  digest = _record(dest, url)
   log.info("downloaded %s to %s (sha256 %s)", url, dest, digest)
 
 
@@ -403,7 +454,7 @@ def _from_hub(repo: str, what: str) -> str:
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) as e:
       # (LocalEntryNotFoundError derives from EntryNotFoundError: caught first.)
       if hub_offline or offline():
-        raise DownloadError(
+        raise NotCachedError(
             f"{what}: not in the Hugging Face cache and offline mode is set (HF_HUB_OFFLINE or "
             f"IDAT_JAX_OFFLINE): run once online, or download {url} by hand and give its "
             "path") from None
@@ -429,7 +480,8 @@ def _first_line(error: Exception) -> str:
 
 
 def describe() -> str:
-  """The registry as text (names, files, hashes, URLs): what ``python -m ...pretrained`` lists."""
+  """The registry as text (names, files, hashes, URLs): what ``python -m idat_jax.checkpoints``
+  lists."""
   lines = []
   for p in REGISTRY.values():
     lines.append(f"{p.name:32s} {p.filename}" + (f"  sha256 {p.sha256}..." if p.sha256 else ""))
@@ -439,7 +491,7 @@ def describe() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m idat_jax.checkpoints.pretrained [NAME|URL|hf-hub:...]...``: lists the registry,
+  """``python -m idat_jax.checkpoints [NAME|URL|hf-hub:...]...``: lists the registry,
   or fetches each named checkpoint into the cache (e.g. before a job on a host without a
   network) and prints its path."""
   args = list(sys.argv[1:] if argv is None else argv)
@@ -454,8 +506,3 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 1
   return 0
-
-
-if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  sys.exit(main())
