@@ -16,6 +16,10 @@ after ``--grace_s``; the launcher names the failed process and exits with its co
 (128 + signal number for a signal). With ``--survivor_wait_s`` it first waits that long for the
 others to end by themselves, as they do on a real cluster: the JAX coordination service ends
 every process within ``config.distributed.heartbeat_timeout_s`` of a peer's death.
+
+SIGTERM or SIGINT to the launcher is forwarded to every process (SIGKILL after ``--grace_s``)
+and the launcher exits with 128 + its number. A launch that cannot start (no processes, a
+``--port`` in use, a Python that does not run) is one line ``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -39,11 +43,28 @@ DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 FAILURE_WINDOW_S = 1.0
 
 
+class LaunchError(Exception):
+  """A launch that cannot start (printed as one line ``error: ...``, exit code 2)."""
+
+
 def free_port() -> int:
   """A TCP port that is free now on 127.0.0.1 (the coordinator binds it a moment later)."""
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def check_port_free(port: int) -> None:
+  """Raises LaunchError unless ``port`` can be bound on 127.0.0.1 now: a coordinator on a
+  port in use fails in every process, sometimes with a segmentation fault."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(("127.0.0.1", port))
+    except OSError as e:
+      raise LaunchError(
+          f"coordinator port {port} on 127.0.0.1 is already in use ({e.strerror}); stop the "
+          "program that holds it (another launch?), or pass --port 0 to pick a free "
+          "port") from None
 
 
 def process_env(base: dict[str, str], *, process_id: int, num_processes: int, port: int,
@@ -66,13 +87,18 @@ class Result:
   returncodes: list[int | None]
   failed: int | None = None  # process id of the first failure
   message: str = ""
+  signal: int | None = None  # a SIGTERM / SIGINT the launcher received and forwarded
+
 
   @property
   def ok(self) -> bool:
-    return self.failed is None and all(rc == 0 for rc in self.returncodes)
+    return (self.signal is None and self.failed is None
+            and all(rc == 0 for rc in self.returncodes))
 
   @property
   def exit_code(self) -> int:
+    if self.signal is not None:
+      return 128 + self.signal
     if self.ok:
       return 0
     rc = self.returncodes[self.failed] if self.failed is not None else 1
@@ -90,12 +116,15 @@ def describe_exit(returncode: int) -> str:
   return f"exited with code {returncode}"
 
 
-def _pump(stream: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock) -> None:
+def _pump(stream: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock,
+          last: list[str], index: int) -> None:
   for raw in iter(stream.readline, b""):
     line = raw.decode("utf-8", errors="replace").rstrip("\n")
     with lock:
       out.write(f"{prefix}{line}\n")
       out.flush()
+      if line.strip():
+        last[index] = line.strip()
   stream.close()
 
 
@@ -103,38 +132,79 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
            module: str = "idat_jax.main", python: str = sys.executable, grace_s: float = 10.0,
            timeout_s: float | None = None, out: IO[str] | None = None,
            env: dict[str, str] | None = None, poll_s: float = 0.2,
-           survivor_wait_s: float = 0.0) -> Result:
-  """Starts the processes, streams their prefixed output, and stops all when one fails."""
+           survivor_wait_s: float = 0.0, port: int = 0) -> Result:
+  """Starts the processes, streams their prefixed output, and stops all when one fails.
+
+  SIGTERM and SIGINT to the launcher (a preempted VM, a scheduler, Ctrl-C) are forwarded to
+  every process; those still running after ``grace_s`` are SIGKILLed, and the launch fails
+  with 128 + the signal's number: no process outlives the launcher. ``port``: the
+  coordinator's (0: a free one). Raises LaunchError when the launch cannot start.
+  """
   if num_processes < 1 or devices_per_process < 1:
-    raise ValueError(f"need at least 1 process and 1 device per process, got "
-                     f"{num_processes} x {devices_per_process}")
+    raise LaunchError(f"need at least 1 process and 1 device per process, got "
+                      f"--num_processes {num_processes} x --devices_per_process "
+                      f"{devices_per_process}")
+  if port:
+    check_port_free(port)
+  else:
+    port = free_port()
+  given = _address_in_args(args)
+  if given is not None:  # the processes' config takes it over the launcher's port
+    host, _, given_port = given.rpartition(":")
+    if host in ("127.0.0.1", "localhost", "0.0.0.0", "") and given_port.isdigit():
+      check_port_free(int(given_port))
   out = out or sys.stdout
   lock = threading.Lock()
-  port = free_port()
   base = dict(os.environ if env is None else env)
   procs: list[subprocess.Popen] = []
   pumps: list[threading.Thread] = []
+  last_lines = [""] * num_processes
+  changed = threading.Event()
+  received: list[int] = []  # signals received, in order
+
+  def on_signal(signum, frame) -> None:  # pylint: disable=unused-argument
+    received.append(signum)
+    changed.set()
+
+  handlers = {}
+  if threading.current_thread() is threading.main_thread():
+    # Installed before the first child starts: a signal in between must not orphan it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      handlers[signum] = signal.signal(signum, on_signal)
 
   def say(message: str) -> None:
     with lock:
       out.write(f"[launch] {message}\n")
       out.flush()
 
-  for i in range(num_processes):
-    p = subprocess.Popen(
-        [python, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=process_env(base, process_id=i, num_processes=num_processes, port=port,
-                        devices_per_process=devices_per_process))
-    procs.append(p)
-    t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", out, lock), daemon=True)
-    t.start()
-    pumps.append(t)
-    say(f"process {i}/{num_processes} pid {p.pid}, {devices_per_process} CPU devices, "
-        f"coordinator 127.0.0.1:{port}")
+  started = time.monotonic()
+  try:
+    for i in range(num_processes):
+      if received:
+        break
+      try:
+        p = subprocess.Popen(
+            [python, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=process_env(base, process_id=i, num_processes=num_processes, port=port,
+                            devices_per_process=devices_per_process))
+      except OSError as e:
+        raise LaunchError(f"cannot start process {i} ({python} -m {module}): {e}") from None
+      procs.append(p)
+      t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", out, lock, last_lines, i),
+                           daemon=True)
+      t.start()
+      pumps.append(t)
+      say(f"process {i}/{num_processes} pid {p.pid}, {devices_per_process} CPU devices, "
+          f"coordinator 127.0.0.1:{port}")
+  except BaseException:
+    _stop(procs, Result(returncodes=[None] * len(procs)), grace_s)
+    _restore_handlers(handlers)
+    raise
 
   result = Result(returncodes=[None] * num_processes)
+  for i in range(len(procs), num_processes):  # never started (a signal came first)
+    result.returncodes[i] = 0
   ended: list[tuple[float, int, int]] = []  # (time, process, exit code), in order of death
-  changed = threading.Event()
 
   def waiter(i: int, p: subprocess.Popen) -> None:
     rc = p.wait()
@@ -147,6 +217,10 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
   deadline = None if timeout_s is None else time.monotonic() + timeout_s
   try:
     while True:
+      if received:
+        result.signal = received[0]
+        result.message = f"received {signal.Signals(received[0]).name}"
+        break
       changed.wait(timeout=min(poll_s, FAILURE_WINDOW_S / 4))
       changed.clear()
       with lock:
@@ -160,7 +234,11 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
       if culprit is not None:
         i = culprit
         result.failed = i
-        result.message = f"process {i} (pid {procs[i].pid}) {describe_exit(result.returncodes[i])}"
+        when = next(t for t, j, _ in deaths if j == i) - started
+        result.message = (f"process {i} (pid {procs[i].pid}) "
+                          f"{describe_exit(result.returncodes[i])} after {when:.1f} s")
+        if last_lines[i]:
+          result.message += f" (its last output line: {last_lines[i][:300]!r})"
         break
       if len(deaths) == num_processes:
         break
@@ -177,12 +255,23 @@ def launch(args: Sequence[str], *, num_processes: int, devices_per_process: int,
         if i != result.failed and rc is not None:
           say(f"process {i} ended by itself: {describe_exit(rc)}")
     if any(rc is None for rc in result.returncodes):
-      if result.message:
-        say(f"{result.message}; stopping the other processes")
-      _stop(procs, result, grace_s)
+      running = [i for i, rc in enumerate(result.returncodes) if rc is None]
+      if result.signal is not None:
+        name = signal.Signals(result.signal).name
+        say(f"{result.message}: forwarding it to process(es) {running} (pids "
+            f"{[procs[i].pid for i in running]}), SIGKILL after {grace_s:g} s")
+        killed = _stop(procs, result, grace_s, result.signal)
+        result.message += (f"; forwarded {name} to process(es) {running}"
+                           + (f", SIGKILLed {killed} still running after {grace_s:g} s"
+                              if killed else ""))
+      else:
+        if result.message:
+          say(f"{result.message}; stopping the other processes")
+        _stop(procs, result, grace_s)
     for t in pumps:
       t.join(timeout=5)
-  if result.failed is None and result.message:  # timed out or interrupted: all were stopped
+    _restore_handlers(handlers)
+  if result.failed is None and result.message and result.signal is None:  # timed out
     result.failed = next((i for i, rc in enumerate(result.returncodes) if rc != 0), 0)
     if result.returncodes[result.failed] == 0:
       result.returncodes[result.failed] = 1
@@ -219,18 +308,40 @@ def _wait_all(procs: list[subprocess.Popen], result: Result, wait_s: float,
     time.sleep(poll_s)
 
 
-def _stop(procs: list[subprocess.Popen], result: Result, grace_s: float) -> None:
-  """SIGTERM to the processes still running, SIGKILL to those alive after ``grace_s``."""
+def _address_in_args(args: Sequence[str]) -> str | None:
+  """The value of ``--config.distributed.coordinator_address`` in the processes' arguments."""
+  flag = "--config.distributed.coordinator_address"
+  for i, arg in enumerate(args):
+    if arg.startswith(flag + "="):
+      return arg.split("=", 1)[1]
+    if arg == flag and i + 1 < len(args):
+      return args[i + 1]
+  return None
+
+
+def _restore_handlers(handlers: dict) -> None:
+  for signum, handler in handlers.items():
+    signal.signal(signum, handler)
+
+
+def _stop(procs: list[subprocess.Popen], result: Result, grace_s: float,
+          signum: int = signal.SIGTERM) -> list[int]:
+  """``signum`` to the processes still running, SIGKILL to those alive after ``grace_s``;
+  returns the SIGKILLed process ids."""
   running = [(i, p) for i, p in enumerate(procs) if result.returncodes[i] is None]
   for _, p in running:
-    p.send_signal(signal.SIGTERM)
+    if p.poll() is None:
+      p.send_signal(signum)
   end = time.monotonic() + grace_s
+  killed = []
   for i, p in running:
     try:
       result.returncodes[i] = p.wait(timeout=max(0.0, end - time.monotonic()))
     except subprocess.TimeoutExpired:
       p.kill()
+      killed.append(i)
       result.returncodes[i] = p.wait()
+  return killed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,7 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--module", default="idat_jax.main",
                       help="Python module each process runs (python -m MODULE ARGS).")
   parser.add_argument("--grace_s", type=float, default=10.0,
-                      help="SIGTERM-to-SIGKILL wait when stopping the others after a failure.")
+                      help="SIGTERM-to-SIGKILL wait when stopping the others after a failure, "
+                           "or all after the launcher got SIGTERM / SIGINT.")
+  parser.add_argument("--port", type=int, default=0,
+                      help="Coordinator port on 127.0.0.1 (0: a free one).")
   parser.add_argument("--survivor_wait_s", type=float, default=0.0,
                       help="After a failure, wait this long for the others to end by themselves "
                            "(the distributed heartbeat timeout) before stopping them.")
@@ -252,10 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="Arguments of every process (after an optional '--').")
   ns = parser.parse_args(argv)
   args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-  result = launch(args, num_processes=ns.num_processes,
-                  devices_per_process=ns.devices_per_process, module=ns.module,
-                  grace_s=ns.grace_s, timeout_s=ns.timeout_s,
-                  survivor_wait_s=ns.survivor_wait_s)
+  try:
+    result = launch(args, num_processes=ns.num_processes,
+                    devices_per_process=ns.devices_per_process, module=ns.module,
+                    grace_s=ns.grace_s, timeout_s=ns.timeout_s,
+                    survivor_wait_s=ns.survivor_wait_s, port=ns.port)
+  except LaunchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return result.exit_code
 
 

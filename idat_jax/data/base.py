@@ -5,9 +5,10 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from idat_jax.errors import IdatError
@@ -135,6 +136,58 @@ class SubsetSource(Source):
   def file_stamps(self) -> np.ndarray | None:
     stamps = self.source.file_stamps()
     return None if stamps is None else stamps[self.indices]
+
+
+def walk_files(top: str, keep: Callable[[str], bool]) -> list[str]:
+  """Files under ``top`` whose name ``keep`` accepts, as sorted paths relative to ``top``.
+
+  Directory links are followed, but a link back into its own ancestry (a loop) or one that
+  does not resolve (ELOOP) is skipped: the walk always ends, and the skipped links are counted
+  in one warning naming the first, so an image set is never silently cut short.
+  """
+  found, loops = [], []
+  root_stat = os.stat(top)
+  pending = [("", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
+  while pending:
+    rel, ancestors = pending.pop()
+    with os.scandir(os.path.join(top, rel)) as it:
+      for entry in it:
+        child = os.path.join(rel, entry.name) if rel else entry.name
+        try:
+          is_dir = entry.is_dir(follow_symlinks=True)
+          st = os.stat(entry.path) if is_dir else None
+        except OSError:  # a link to itself, or a cycle of links
+          loops.append(os.path.join(top, child))
+          continue
+        if is_dir:
+          key = (st.st_dev, st.st_ino)
+          if key in ancestors:
+            loops.append(os.path.join(top, child))
+            continue
+          pending.append((child, ancestors | {key}))
+        elif keep(entry.name):
+          found.append(child)
+  if loops:
+    logging.warning("%s: skipped %d symbolic link(s) that loop back into their own folder "
+                    "tree (e.g. %s -> %s)", top, len(loops), loops[0],
+                    os.readlink(loops[0]) if os.path.islink(loops[0]) else "?")
+  return sorted(found)
+
+
+def read_text_file(path: str, expected: str) -> str:
+  """A list or CSV file as text: UTF-8, with or without the byte-order mark Excel writes.
+
+  Bytes that are not UTF-8 are a DataError naming the file and line (``expected``: what the
+  file should hold, for the message).
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise DataError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
+                    f"{expected}, saved as UTF-8") from None
 
 
 def stat_files(paths: Sequence[str]) -> np.ndarray:

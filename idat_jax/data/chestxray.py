@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 
 import numpy as np
 from absl import logging
 
-from idat_jax.data.base import DataError, DataNotPreparedError
+from idat_jax.data.base import DataError, DataNotPreparedError, read_text_file, walk_files
 from idat_jax.data.multilabel_csv import MultiLabelSource
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
@@ -36,8 +37,8 @@ def _read_list(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise DataNotPreparedError(f"ChestX-ray14 split list {path} not found (the NIH release has "
                                "train_val_list.txt and test_list.txt next to Data_Entry_2017.csv)")
-  with open(path, encoding="utf-8") as f:
-    return [line.strip() for line in f if line.strip()]
+  text = read_text_file(path, "a split list holds one image file name per line")
+  return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _find_csv(root: str) -> str:
@@ -52,19 +53,34 @@ def _find_csv(root: str) -> str:
 
 
 def read_findings(csv_path: str) -> dict[str, str]:
-  """'Image Index' -> 'Finding Labels' of the NIH metadata CSV."""
-  with open(csv_path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    fields = reader.fieldnames or []
-    if "Image Index" not in fields or "Finding Labels" not in fields:
-      raise DataError(f"{csv_path}: expected the columns 'Image Index' and 'Finding Labels', "
-                      f"got {fields[:4]}")
-    out = {}
-    for line, row in enumerate(reader, start=2):
-      name = (row["Image Index"] or "").strip()
-      if name in out:
-        raise DataError(f"{csv_path}:{line}: image {name} has a second row")
-      out[name] = (row["Finding Labels"] or "").strip()
+  """'Image Index' -> 'Finding Labels' of the NIH metadata CSV.
+
+  UTF-8 with or without a byte-order mark (a CSV saved by Excel has one). A repeated row of an
+  image is skipped (counted in the log) when its labels are the same, an error otherwise.
+  """
+  text = read_text_file(csv_path, "the NIH metadata CSV")
+  reader = csv.DictReader(io.StringIO(text, newline=""))
+  fields = reader.fieldnames or []
+  if "Image Index" not in fields or "Finding Labels" not in fields:
+    raise DataError(f"{csv_path}: expected the columns 'Image Index' and 'Finding Labels', "
+                    f"got {fields[:4]}")
+  out: dict[str, str] = {}
+  lines: dict[str, int] = {}
+  duplicates = 0
+  for row in reader:
+    line = reader.line_num
+    name = (row["Image Index"] or "").strip()
+    labels = (row["Finding Labels"] or "").strip()
+    if name in out:
+      if out[name] != labels:
+        raise DataError(f"{csv_path}: image {name} has conflicting rows on lines {lines[name]} "
+                        f"({out[name]!r}) and {line} ({labels!r}); keep one row per image")
+      duplicates += 1
+      continue
+    out[name], lines[name] = labels, line
+  if duplicates:
+    logging.warning("%s: %d row(s) repeat an earlier row of the same image with the same "
+                    "labels; they are skipped", csv_path, duplicates)
   return out
 
 
@@ -88,13 +104,11 @@ def find_images(root: str) -> dict[str, str]:
   for top in sorted(glob.glob(os.path.join(root, "images*"))):
     if not os.path.isdir(top):
       continue
-    for dirpath, _, files in os.walk(top, followlinks=True):
-      for name in files:
-        if name.lower().endswith(".png"):
-          if name in found:
-            raise DataError(f"ChestX-ray14 image {name} found twice: {found[name]} and "
-                            f"{os.path.join(dirpath, name)}")
-          found[name] = os.path.join(dirpath, name)
+    for rel in walk_files(top, lambda name: name.lower().endswith(".png")):
+      name, path = os.path.basename(rel), os.path.join(top, rel)
+      if name in found:
+        raise DataError(f"ChestX-ray14 image {name} found twice: {found[name]} and {path}")
+      found[name] = path
   if not found:
     raise DataNotPreparedError(f"no PNG images under {root}/images*/ (the NIH release unpacks "
                                "to images_001/images/*.png ... images_012/images/*.png)")

@@ -16,7 +16,8 @@ import os
 import numpy as np
 
 from idat_jax.data import preprocess, vtab
-from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, stat_files
+from idat_jax.data.base import (DataError, DataNotPreparedError, ImageLike, Source,
+                                 read_text_file, stat_files)
 
 LIST_LINE_FORMAT = "<relative/image/path> <int label>"
 TASK_METADATA = "task.json"  # optional, written by digits.py: {"num_classes": ...}
@@ -38,12 +39,7 @@ def read_list_file(list_file: str) -> list[ListEntry]:
         "(the NOAH/SSF layout); export one from TFDS with "
         "python scripts/prepare_vtab.py --tasks <task> --export_folder <root>")
   entries = []
-  try:
-    with open(list_file, "rb") as f:
-      text = f.read().decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(f"{list_file}: not UTF-8 text (byte {e.start}: {e.reason}); list files "
-                    f"hold lines '{LIST_LINE_FORMAT}' in UTF-8") from None
+  text = read_text_file(list_file, f"list files hold lines '{LIST_LINE_FORMAT}'")
   for lineno, raw in enumerate(text.splitlines(), start=1):
     line = raw.strip()
     if not line:
@@ -67,8 +63,9 @@ def task_dir_name(task: str) -> str:
   return vtab.canonical_name(task) if vtab.is_registered(task) else task
 
 
-def folder_num_classes(task_dir: str, task: str) -> int:
-  """Number of classes: ``task.json``, else the registry, else the largest listed label + 1."""
+def folder_num_classes(task_dir: str, task: str, train_split: str | None = None) -> int:
+  """Number of classes: ``task.json``, else the registry, else the largest label of
+  ``train_split`` + 1 (without it, or without its list file: of every list file)."""
   meta = os.path.join(task_dir, TASK_METADATA)
   if os.path.isfile(meta):
     try:
@@ -84,7 +81,9 @@ def folder_num_classes(task_dir: str, task: str) -> int:
   if vtab.is_registered(task):
     return vtab.get_task(task).num_classes
   labels = []
-  for split in vtab.SPLITS:
+  train_file = os.path.join(task_dir, f"{train_split}.txt") if train_split else None
+  splits = [train_split] if train_file and os.path.isfile(train_file) else vtab.SPLITS
+  for split in splits:
     list_file = os.path.join(task_dir, f"{split}.txt")
     if os.path.isfile(list_file):
       labels.extend(e.label for e in read_list_file(list_file))
@@ -97,7 +96,7 @@ class FolderTaskSource(Source):
   """One split of a VTAB-style folder task."""
 
   def __init__(self, root: str, task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT,
-               num_classes: int | None = None):
+               num_classes: int | None = None, train_split: str = vtab.DEFAULT_TRAIN_SPLIT):
     self.task = task_dir_name(task)
     self.split = split
     self.task_dir = os.path.join(os.fspath(root), self.task)
@@ -111,8 +110,24 @@ class FolderTaskSource(Source):
     self.entries = read_list_file(self.list_file)
     if not self.entries:
       raise DataError(f"{self.list_file}: no examples listed")
-    self.num_classes = int(num_classes or folder_num_classes(self.task_dir, self.task))
+    self.num_classes = int(num_classes or folder_num_classes(self.task_dir, self.task,
+                                                             train_split))
+    train_labels = None
+    if not (num_classes or vtab.is_registered(self.task) or split == train_split
+            or os.path.isfile(os.path.join(self.task_dir, TASK_METADATA))):
+      # The classes come from the training split alone: an evaluation class it lacks would
+      # be scored by a head never trained on it.
+      train_file = os.path.join(self.task_dir, f"{train_split}.txt")
+      if os.path.isfile(train_file):
+        train_labels = {e.label for e in read_list_file(train_file)}
     for e in self.entries:
+      if train_labels is not None and e.label not in train_labels:
+        raise DataError(
+            f"{self.list_file}:{e.line}: class {e.label} does not occur in the training split "
+            f"{train_split}.txt of {self.task_dir} ({len(train_labels)} classes, labels "
+            f"{min(train_labels)}..{max(train_labels)}); "
+            f"add training examples of it, or declare every class in {TASK_METADATA} "
+            '({"num_classes": N})')
       self.check_label(e.label, f"{self.list_file}:{e.line}")
     self.name = f"folder:{self.task}/{split}"
 

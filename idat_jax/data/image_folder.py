@@ -16,7 +16,8 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 from idat_jax.data import preprocess
-from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, stat_files
+from idat_jax.data.base import (DataError, DataNotPreparedError, ImageLike, Source,
+                                 stat_files, walk_files)
 
 K = TypeVar("K")
 DEFAULT_FEW_SHOT_SEED = 12  # WeCoLoRA's random_state
@@ -50,45 +51,68 @@ def few_shot_select(keys_by_class: Sequence[Sequence[K]], fraction: float,
 
 
 def _list_images(class_dir: str) -> list[str]:
-  """Image files under ``class_dir`` (recursively), as sorted relative paths."""
-  found = []
-  pending = [""]
-  while pending:
-    rel = pending.pop()
-    with os.scandir(os.path.join(class_dir, rel)) as it:
-      for entry in it:
-        child = os.path.join(rel, entry.name) if rel else entry.name
-        if entry.is_dir(follow_symlinks=True):
-          pending.append(child)
-        elif entry.name.lower().endswith(preprocess.IMAGE_EXTENSIONS):
-          found.append(child)
-  return sorted(found)
+  """Image files under ``class_dir`` (recursively; symlink loops skipped, counted), as sorted
+  relative paths."""
+  return walk_files(class_dir, lambda name: name.lower().endswith(preprocess.IMAGE_EXTENSIONS))
+
+
+def folder_classes(root: str) -> list[str]:
+  """The sorted class subdirectories of ``<root>/<class>/...`` (the class-to-index map)."""
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise DataNotPreparedError(f"image folder {root} does not exist")
+  classes = []
+  with os.scandir(root) as it:
+    for e in it:
+      try:
+        if e.is_dir(follow_symlinks=True):
+          classes.append(e.name)
+      except OSError as err:  # a link to itself or a cycle of links
+        raise DataError(f"image folder {root}: {e.name} is a symbolic link that does not "
+                        f"resolve ({err.strerror}); remove it") from None
+  if not classes:
+    raise DataError(f"image folder {root} has no class subdirectories "
+                    "(expected <root>/<class>/<image>)")
+  return sorted(classes)
 
 
 class ImageFolderSource(Source):
-  """``<root>/<class>/**/<image>`` (ImageNet layout); labels are sorted class indices."""
+  """``<root>/<class>/**/<image>`` (ImageNet layout); labels are sorted class indices.
 
-  def __init__(self, root: str, fraction: float = 1.0, seed: int = DEFAULT_FEW_SHOT_SEED):
+  ``classes``: the class-to-index map to use (the training split's, for an evaluation
+  split); a class subdirectory outside it is an error. Without it, the folder's own classes.
+  """
+
+  def __init__(self, root: str, fraction: float = 1.0, seed: int = DEFAULT_FEW_SHOT_SEED,
+               classes: Sequence[str] | None = None):
     self.root = os.fspath(root)
-    if not os.path.isdir(self.root):
-      raise DataNotPreparedError(f"image folder {self.root} does not exist")
-    with os.scandir(self.root) as it:
-      self.classes = sorted(e.name for e in it if e.is_dir(follow_symlinks=True))
-    if not self.classes:
-      raise DataError(f"image folder {self.root} has no class subdirectories "
-                      "(expected <root>/<class>/<image>)")
-    files = [_list_images(os.path.join(self.root, c)) for c in self.classes]
-    for c, names in zip(self.classes, files):
+    present = folder_classes(self.root)
+    if classes is None:
+      self.classes = present
+    else:
+      self.classes = list(classes)
+      unknown = sorted(set(present) - set(self.classes))
+      if unknown:
+        raise DataError(
+            f"image folder {self.root}: class {unknown[0]!r}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f" is not a class of the training split ({len(self.classes)} classes); labels "
+            "would not match the trained head. Remove it, or add it to the training split")
+    index = {c: i for i, c in enumerate(self.classes)}
+    files = [_list_images(os.path.join(self.root, c)) for c in present]
+    for c, names in zip(present, files):
       if not names:
         raise DataError(f"class directory {os.path.join(self.root, c)} holds no images "
                         f"(extensions {', '.join(preprocess.IMAGE_EXTENSIONS)})")
-    chosen = few_shot_select(files, fraction, seed, self.classes)
+    chosen = few_shot_select(files, fraction, seed, present)
     self.fraction, self.seed = fraction, seed
-    self.paths = [os.path.join(c, p) for c, names in zip(self.classes, chosen) for p in names]
+    self.paths = [os.path.join(c, p) for c, names in zip(present, chosen) for p in names]
     self._labels = np.asarray(
-        [label for label, names in enumerate(chosen) for _ in names], np.int32)
+        [index[c] for c, names in zip(present, chosen) for _ in names], np.int32)
     self.num_classes = len(self.classes)
     self.name = f"image_folder:{self.root}"
+    self._class_map = ("" if self.classes == present else ":classes=" + hashlib.sha1(
+        "\n".join(self.classes).encode()).hexdigest()[:16])
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -106,7 +130,9 @@ class ImageFolderSource(Source):
 
   def fingerprint(self) -> str:
     digest = hashlib.sha1("\n".join(self.paths).encode()).hexdigest()
-    return f"image_folder:{os.path.abspath(self.root)}:{len(self.paths)}:{digest}"
+    # The class map enters only when it is not the folder's own: existing caches stay valid.
+    return (f"image_folder:{os.path.abspath(self.root)}:{len(self.paths)}:{digest}"
+            f"{self._class_map}")
 
   def file_stamps(self) -> np.ndarray:
     return stat_files([os.path.join(self.root, p) for p in self.paths])

@@ -68,7 +68,7 @@ def build_source(config: ml_collections.ConfigDict, split: str) -> Source:
       data_dir=(d.tfds_data_dir if d.backend.startswith("tfds") else d.root) or None,
       num_classes=d.num_classes if d.backend == "folder" else None,
       few_shot=d.few_shot_ratio if is_train and not d.stratified_split else 1.0,
-      few_shot_seed=d.few_shot_seed, image_size=d.image_size)
+      few_shot_seed=d.few_shot_seed, image_size=d.image_size, train_split=d.train_split)
   if d.stratified_split:
     source = loader.stratified_split(source, d.stratified_split,
                                      "train" if is_train else "test", d.stratified_seed)

@@ -11,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from idat_jax.data import cache, vtab
 from idat_jax.data.base import DataError, Source, SubsetSource
 from idat_jax.data.folder import FolderTaskSource
-from idat_jax.data.image_folder import DEFAULT_FEW_SHOT_SEED, ImageFolderSource
+from idat_jax.data.image_folder import DEFAULT_FEW_SHOT_SEED, ImageFolderSource, folder_classes
 from idat_jax.data.synthetic import SyntheticTaskSource
 from idat_jax.data.tfds_backend import TfdsImageSource, TfdsTaskSource
 
@@ -39,11 +39,20 @@ def stratified_split(source: Source, train_fraction: float, side: str, seed: int
   return SubsetSource(source, chosen, f"{source.name}/stratified{train_fraction:g}-{side}-{seed}")
 
 
+def image_folder_root(data_dir: str, split: str) -> str:
+  """``<data_dir>/<split>`` if it exists, else ``data_dir`` (one folder for every split)."""
+  root = os.path.join(data_dir, split)
+  return root if os.path.isdir(root) else data_dir
+
+
 def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend: str = "folder",
                     data_dir: str | None = None, num_classes: int | None = None,
                     few_shot: float = 1.0, few_shot_seed: int = DEFAULT_FEW_SHOT_SEED,
-                    image_size: int = 224) -> Source:
+                    image_size: int = 224, train_split: str | None = None) -> Source:
   """A random-access source of one split of a task.
+
+  ``train_split``: the split that defines the classes (folder and image_folder backends). An
+  evaluation split is numbered by its class map, and a class it lacks is an error.
 
   * ``tfds``: a VTAB-1K task; ``data_dir`` is the TFDS data dir (None: $TFDS_DATA_DIR or
     ~/tensorflow_datasets).
@@ -64,14 +73,17 @@ def open_task_split(task: str, split: str = vtab.DEFAULT_TRAIN_SPLIT, *, backend
   if backend == "folder":
     if not data_dir:
       raise DataError("the folder backend needs data_dir: the root of <task>/<split>.txt")
-    return FolderTaskSource(data_dir, task, split, num_classes=num_classes)
+    return FolderTaskSource(data_dir, task, split, num_classes=num_classes,
+                            train_split=train_split or vtab.DEFAULT_TRAIN_SPLIT)
   if backend == "image_folder":
     if not data_dir:
       raise DataError("the image_folder backend needs data_dir: the root of <class>/<image> "
                       "folders (or of <split>/<class>/<image>)")
-    root = os.path.join(data_dir, split)
-    return ImageFolderSource(root if os.path.isdir(root) else data_dir, fraction=few_shot,
-                             seed=few_shot_seed)
+    root = image_folder_root(data_dir, split)
+    classes = None
+    if train_split is not None and train_split != split:
+      classes = folder_classes(image_folder_root(data_dir, train_split))
+    return ImageFolderSource(root, fraction=few_shot, seed=few_shot_seed, classes=classes)
   if backend == "tfds_images":
     return TfdsImageSource(task, split, data_dir, fraction=few_shot, seed=few_shot_seed)
   if backend == "synthetic":

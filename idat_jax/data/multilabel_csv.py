@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from typing import Sequence
 
@@ -26,7 +27,8 @@ import numpy as np
 from absl import logging
 
 from idat_jax.data import preprocess
-from idat_jax.data.base import DataError, DataNotPreparedError, ImageLike, Source, stat_files
+from idat_jax.data.base import (DataError, DataNotPreparedError, ImageLike, Source,
+                                 read_text_file, stat_files)
 
 MAX_LABELS = 31  # bits of a non-negative int32
 
@@ -108,8 +110,12 @@ class MultiLabelCsvSource(MultiLabelSource):
       raise DataNotPreparedError(
           f"multi-label CSV {csv_path} not found: expected <root>/<split>.csv with a header "
           "'path,<label 1>,<label 2>,...' and 0/1 label columns")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-      rows = list(csv.reader(f))
+    text = read_text_file(csv_path, "a multi-label CSV holds 'path,<label 1>,...' rows")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, row_lines = [], []
+    for row in reader:
+      rows.append(row)
+      row_lines.append(reader.line_num)  # the row's last line (a quoted field may span lines)
     if not rows or len(rows[0]) < 2:
       raise DataError(f"{csv_path}: the header must be 'path,<label 1>,...' (at least one label)")
     names = [n.strip() for n in rows[0][1:]]
@@ -120,7 +126,9 @@ class MultiLabelCsvSource(MultiLabelSource):
                       "packed int32 label: split the label set over several tasks")
     base = os.path.dirname(os.path.abspath(csv_path))
     paths, hots, missing = [], [], []
-    for line, row in enumerate(rows[1:], start=2):
+    seen: dict[str, tuple[int, list[int]]] = {}  # image -> (first line, its labels)
+    duplicates = 0
+    for line, row in zip(row_lines[1:], rows[1:]):
       if not row or all(not cell.strip() for cell in row):
         continue
       if len(row) != len(names) + 1:
@@ -133,7 +141,15 @@ class MultiLabelCsvSource(MultiLabelSource):
       if any(v not in (0, 1) for v in hot):
         raise DataError(f"{csv_path}:{line}: label values must be 0 or 1, got {row[1:]}")
       path = row[0].strip()
-      path = path if os.path.isabs(path) else os.path.join(base, path)
+      path = os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+      if path in seen:
+        first, first_hot = seen[path]
+        if first_hot != hot:
+          raise DataError(f"{csv_path}: image {row[0].strip()} has conflicting labels on lines "
+                          f"{first} and {line}; keep one row per image")
+        duplicates += 1  # the same row again: counted and skipped
+        continue
+      seen[path] = (line, hot)
       if not os.path.isfile(path):
         missing.append(path)
         continue
@@ -143,7 +159,12 @@ class MultiLabelCsvSource(MultiLabelSource):
       raise DataError(f"{csv_path}: no row names an existing image "
                       f"({len(missing)} missing, e.g. {missing[:1]})")
     self.skipped = {"missing_image": len(missing)}
+    if duplicates:
+      self.skipped["duplicate_row"] = duplicates
     self.missing_examples = missing[:5]
+    if duplicates:
+      logging.warning("%s: %d row(s) repeat an earlier row of the same image with the same "
+                      "labels; they are skipped", csv_path, duplicates)
     if missing:
       logging.warning("%s: %d row(s) name a missing image (e.g. %s); they are left out",
                       csv_path, len(missing), missing[:3])

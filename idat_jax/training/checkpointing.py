@@ -11,16 +11,22 @@ from __future__ import annotations
 import copy
 import errno
 import os
+import time
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
 from idat_jax import fileio
 from idat_jax.checkpoints.orbax_run import item_handlers
 from idat_jax.errors import CheckpointError, CheckpointNotFoundError
+
+
+# Name prefix of a step moved aside after it failed to restore (outside Orbax's step names).
+CORRUPT_PREFIX = "corrupt-"
 
 
 def abstract_like(tree: Any, sharding: Sharding) -> Any:
@@ -78,6 +84,8 @@ class Checkpointer:
                                           item_handlers=item_handlers())
     self._pending: int | None = None  # step of the save in flight
     self._closed = False
+    # Steps newer than the one the last restore(None) returned: they failed to restore.
+    self.failed_steps: list[int] = []
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -158,11 +166,46 @@ class Checkpointer:
       if failures:
         logging.warning("restored step %d instead of the newer step(s) that failed (%s)",
                         candidate, "; ".join(failures))
+      self.failed_steps = [s for s in candidates if s > candidate]
       return restored["state"], dict(restored["meta"] or {})
     raise CheckpointError(
         f"no checkpoint in {self.directory} restores into this run's model ("
         + "; ".join(failures) + "). A changed model (num_classes, adapter_dim, tuning mode) "
         "needs a new --workdir; a corrupt step can be deleted to resume from an older one")
+
+  def move_aside(self, steps: list[int]) -> list[str]:
+    """Renames unrestorable ``steps`` to ``corrupt-<step>-<UTC time>`` (kept for inspection).
+
+    Orbax saves only steps above the newest step on disk, so a corrupt step left in place
+    would silently swallow the save of the step retrained after a fallback. The new names are
+    outside Orbax's step-name pattern. Process 0 renames; every process then re-reads the
+    directory. Returns the new paths.
+    """
+    if not steps:
+      return []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved = []
+    for step in sorted(steps):
+      src = os.path.join(self.directory, str(step))
+      dst = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}-{stamp}")
+      moved.append(dst)
+      if jax.process_index() == 0:
+        try:
+          if fileio.is_remote(src):
+            from etils import epath  # what Orbax reads and writes gs:// with
+            epath.Path(src).rename(dst)
+          else:
+            os.replace(src, dst)
+        except (OSError, ImportError) as e:
+          raise CheckpointError(f"cannot move the unrestorable checkpoint step {step} aside "
+                                f"({src} -> {dst}: {e}); delete {src} and run again") from e
+        logging.warning("moved the unrestorable checkpoint step %d aside to %s: the step "
+                        "retrained after the fallback is saved in its place", step, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("idat_jax_checkpoint_move_aside")
+    self._manager.reload()
+    self.failed_steps = [s for s in self.failed_steps if s not in steps]
+    return moved
 
   def _structure_mismatch(self, step: int, abstract_state: Any) -> str | None:
     """What differs between the stored arrays of ``step`` and the model's (None: they fit, or
