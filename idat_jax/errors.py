@@ -31,3 +31,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class StorageError(IdatError, OSError):
   """A remote (``gs://``) path that cannot be reached: a missing client library or access."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+  """Ctrl-C during training; the message says the step reached and the checkpoint kept.
+
+  A ``KeyboardInterrupt`` (so code that handles one still does): ``main`` prints the message
+  in one line and exits with status 130, as a shell does for SIGINT.
+  """

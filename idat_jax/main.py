@@ -5,7 +5,12 @@ latest (or ``config.eval.step``) checkpoint and evaluates it.
 
 Errors a user can cause (bad config, data, checkpoint or work dir; ``idat_jax.errors``) are
 printed as one line, ``error: <message>``, with exit code 1; the full traceback goes to
-``<workdir>/logs/error-<time>.log``, or to stderr with ``--verbosity=1``.
+``<workdir>/logs/error-<time>.log``, or to stderr with ``--verbosity=1``. Ctrl-C prints one
+line (the step reached, the checkpoint kept) and exits with 130; the same command resumes.
+
+At the end, process 0 prints a few readable lines (``training/report.py``; a synthetic-data
+speed check adds its per-epoch times and the full protocol's estimate), or with ``--json`` the
+summary as one JSON line, for scripts. ``<workdir>/summary.json`` holds every detail.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from idat_jax.errors import IdatError
+from idat_jax.errors import IdatError, RunInterrupted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':arg' (see configs/).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, results).")
+_JSON = flags.DEFINE_bool(
+    "json", False, "Print the summary (or mode=eval's result) as one JSON line on stdout, for "
+    "scripts, instead of the readable lines.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception))\s*:\s*(.*)$")
@@ -71,6 +79,28 @@ def fail(message: str, workdir: str | None = None, verbose: bool = False) -> Non
           continue
         where = f"(traceback: {path}; --verbosity=1 prints it)"
         break
+  report = f"\nerror: {_one_line(message)}\n" + (where + "\n" if where else "")
+  _exit_with(report, 1)
+
+
+def interrupted(error: KeyboardInterrupt, workdir: str | None) -> None:
+  """Ctrl-C: one line saying what is kept, exit status 130 (no traceback)."""
+  if isinstance(error, RunInterrupted) and str(error):
+    message = str(error)
+  else:  # before the training loop (set-up) or after it (exports, summary)
+    directory = os.path.join(workdir, "checkpoints") if workdir else ""
+    try:
+      steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    except OSError:
+      steps = []
+    kept = (f"checkpoint of step {steps[-1]} kept in {directory}" if steps
+            else "no checkpoint written yet")
+    message = f"interrupted outside the training loop; {kept}; run the same command to resume"
+  _exit_with(f"\n{_one_line(message)}\n", 130)
+
+
+def _exit_with(report: str, status: int) -> None:
+  """Writes ``report`` as the last thing on stderr and ends the process with ``status``."""
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
@@ -78,13 +108,12 @@ def fail(message: str, workdir: str | None = None, verbose: bool = False) -> Non
   # printing. stdout/stderr are pointed at /dev/null first, so that nothing they write can land
   # after the message; the message then goes, in one write, to the saved stderr; and the process
   # ends without interpreter shutdown, where those threads would print their tracebacks.
-  report = f"\nerror: {_one_line(message)}\n" + (where + "\n" if where else "")
   stderr = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 1)
   os.dup2(devnull, 2)
   os.write(stderr, report.encode())
-  os._exit(1)
+  os._exit(status)
 
 
 def _flag_error_message(error: Exception) -> str:
@@ -122,6 +151,7 @@ def run(config, workdir: str) -> dict:
   # Imported late so that --helpfull stays fast and XLA flags from the shell apply.
   import jax
   from idat_jax import sharding, train
+  from idat_jax.training import report
   from idat_jax.training.metrics import quiet_library_logs
 
   quiet_library_logs()
@@ -134,9 +164,17 @@ def run(config, workdir: str) -> dict:
     summary = train.evaluate_checkpoint(config, workdir)
   else:
     raise app.UsageError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
-  logging.info("summary: %s", json.dumps(summary, default=str))
   if jax.process_index() == 0:
-    print(json.dumps(summary, default=str))
+    if _JSON.value:
+      lines = [json.dumps(summary, default=str)]
+    elif config.mode == "eval":
+      lines = report.eval_lines(summary)
+    else:
+      lines = report.summary_lines(summary)
+      if config.data.backend == "synthetic" and not summary.get("already_finished"):
+        lines += report.speed_lines(summary, config.eval_every_epochs,
+                                    config.checkpoint_every_epochs)
+    print("\n".join(lines), flush=True)
   return summary
 
 
@@ -154,6 +192,8 @@ def main(argv) -> None:
     run(config, workdir)
   except IdatError as e:
     fail(str(e), workdir, verbose)
+  except KeyboardInterrupt as e:
+    interrupted(e, workdir)
 
 
 if __name__ == "__main__":

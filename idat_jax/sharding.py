@@ -16,6 +16,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from idat_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 # Environment variables read when the matching config key is unset. JAX itself reads
@@ -49,8 +51,8 @@ def _distributed_options(config: Any) -> dict[str, Any]:
   if hasattr(config, "items"):
     unknown = set(config.keys()) - set(DISTRIBUTED_DEFAULTS)
     if unknown:
-      raise ValueError(f"unknown config.distributed keys {sorted(unknown)}; valid: "
-                       f"{sorted(DISTRIBUTED_DEFAULTS)}")
+      raise ConfigError(f"unknown config.distributed keys {sorted(unknown)}; valid: "
+                        f"{sorted(DISTRIBUTED_DEFAULTS)}")
     return dict(DISTRIBUTED_DEFAULTS, **dict(config.items()))
   raise TypeError(f"expected a bool or a config with 'distributed', got {type(config).__name__}")
 
@@ -62,7 +64,7 @@ def _env_int(name: str) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def distributed_arguments(config: Any) -> dict[str, Any] | None:
@@ -79,11 +81,11 @@ def distributed_arguments(config: Any) -> dict[str, Any] | None:
     return None
   process_id = o["process_id"] if o["process_id"] >= 0 else _env_int(ENV_PROCESS_ID)
   if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f"config.distributed.process_id={process_id} is not in [0, {num_processes}) "
-                     "(set it, or $JAX_PROCESS_ID, to this host's rank)")
+    raise ConfigError(f"config.distributed.process_id={process_id} is not in [0, {num_processes}) "
+                      "(set it, or $JAX_PROCESS_ID, to this host's rank)")
   for key in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
     if o[key] <= 0:
-      raise ValueError(f"config.distributed.{key} must be > 0 seconds, got {o[key]}")
+      raise ConfigError(f"config.distributed.{key} must be > 0 seconds, got {o[key]}")
   return {
       "coordinator_address": (o["coordinator_address"] or os.environ.get(ENV_COORDINATOR)
                               or None),
@@ -130,7 +132,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
-      raise ValueError(f"asked for {num_devices} devices, only {len(devices)} exist")
+      raise ConfigError(f"config.num_devices={num_devices}: only {len(devices)} devices exist")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
@@ -152,7 +154,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch size") ->
   """Returns the per-process batch; raises if the global batch does not split evenly."""
   n = data_size(mesh)
   if global_batch <= 0 or global_batch % n:
-    raise ValueError(
+    raise ConfigError(
         f"{what} {global_batch} must be a positive multiple of the {n} devices on the "
         f"'{DATA_AXIS}' axis")
   return global_batch // jax.process_count()

@@ -37,7 +37,7 @@ from idat_jax.models import dummy_images
 from idat_jax.tree_util import flatten, unflatten
 from idat_jax.training import optim, schedules, trainable as tr
 from idat_jax.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, IdatError,
-                             StorageError)
+                             RunInterrupted, StorageError)
 from idat_jax.training import workdir as wd
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
 from idat_jax.training.metrics import MetricWriter, append_result, json_safe, to_json
@@ -108,8 +108,9 @@ def load_models(method: Method, rng: jax.Array, mesh) -> tuple[dict, dict, dict,
     if files[name] and not fileio.exists(files[name]):
       raise CheckpointNotFoundError(
           f"pretrained checkpoint for model '{name}' not found: {spec.checkpoint} "
-          f"(resolved to {fileio.abspath(files[name])}). Give a registered name, a URL or a "
-          "path (README, 'Pretrained checkpoints'), or set "
+          f"(resolved to {fileio.abspath(files[name])}). Give a registered name ("
+          f"{', '.join(ckpt_io.PRETRAINED)}), a URL, hf-hub:ORG/NAME or a path (README, "
+          "'Pretrained checkpoints'), or set "
           f"--config.models.{name}.checkpoint")
   for i, (name, spec) in enumerate(specs.items()):
     example = spec.example_input if spec.example_input is not None else dummy_images(spec.module)
@@ -492,6 +493,7 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
           "config": current, "resume_overrides": [], **s.method.checkpoint_meta()}
   if ckpt.latest_step() is not None:
     s.state, restored = _restore(s, ckpt)
+    ckpt.move_aside(ckpt.failed_steps)  # else Orbax skips re-saving those steps (issue 19)
     meta.update(restored)
     logging.info("resumed from step %d in %s", int(s.state["step"]), ckpt.directory)
     if changes:
@@ -530,11 +532,13 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
     writer.sync()  # every row up to this checkpoint is kept if the run is resumed from it
     ckpt.save(step, s.state, meta)
 
+  reached = start_step  # the last step whose update was dispatched (reported on Ctrl-C)
   try:
     for step in range(start_step, s.total_steps):
       if data is None:
         data = s.train_data.stream_batch(step, s.steps_per_epoch, config.batch_size)
       s.state, metrics = train_step(s.state, s.frozen, data)
+      reached = step + 1
       if s.train_data.resident is None:
         data = None
       pending.append(metrics)
@@ -547,7 +551,9 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
         if not math.isfinite(logged["loss"]):
           raise NonFiniteLossError(
               f"non-finite loss {logged['loss']} between steps {step_log} and {done}; stopping. "
-              f"The last good checkpoint (step {last_good_step}) is kept in {ckpt.directory}")
+              + (f"The last good checkpoint (step {last_good_step}) is kept in {ckpt.directory}"
+                 if last_good_step is not None else
+                 f"There is no checkpoint to resume from in {ckpt.directory} yet"))
         now = time.time()
         logged["images_per_s"] = (done - step_log) * config.batch_size / max(now - t_log, 1e-9)
         logged["epoch"] = done / s.steps_per_epoch
@@ -593,6 +599,8 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
         break
     ckpt.wait()  # a failed write (e.g. a full disk) is reported here, not after the summary
     writer.sync()  # likewise a failed upload of a remote metrics.jsonl (close only logs one)
+  except KeyboardInterrupt:
+    raise _interrupted(ckpt, reached, s.total_steps) from None
   finally:
     s.train_data.close()
     writer.close()
@@ -622,6 +630,22 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
     fileio.write_text(os.path.join(workdir, SUMMARY_FILE),
                       to_json(summary, indent=1))
   return summary
+
+
+def _interrupted(ckpt: Checkpointer, reached: int, total_steps: int) -> RunInterrupted:
+  """Ctrl-C in the loop: the save in flight is completed, and one line says what is kept."""
+  try:
+    ckpt.wait()
+  except (Exception, KeyboardInterrupt):  # noqa: BLE001  (a failed save, or a second Ctrl-C)
+    pass
+  try:
+    kept = ckpt.latest_step()
+  except Exception:  # noqa: BLE001
+    kept = None
+  where = (f"checkpoint of step {kept} kept in {ckpt.directory}" if kept is not None
+           else f"no checkpoint written yet in {ckpt.directory}")
+  return RunInterrupted(f"interrupted at step {reached} of {total_steps}; {where}; run the "
+                        "same command to resume")
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

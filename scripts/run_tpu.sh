@@ -30,8 +30,15 @@ if [[ -n "${PROJECT:-}" ]]; then PROJECT_FLAG=(--project "$PROJECT"); fi
 ARGS=""
 if [[ $# -gt 0 ]]; then ARGS=$(printf ' %q' "$@"); fi
 # The override goes after the arguments: absl rejects --config.x before --config itself.
-# Each worker runs its checkout's .venv when there is one (scripts/setup_env.sh), else python3.
-WORKER_CMD="cd $REPO_DIR && \$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 ) -m idat_jax.main$ARGS --config.distributed.enabled=True"
+# Each worker picks its interpreter as scripts/python_env.sh does on this machine: $PYTHON as
+# given here (a path on the workers), else its checkout's .venv (scripts/setup_env.sh), else
+# python3.
+if [[ -n "${PYTHON:-}" ]]; then
+  WORKER_PYTHON=$(printf '%q' "$PYTHON")
+else
+  WORKER_PYTHON='$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )'
+fi
+WORKER_CMD="cd $REPO_DIR && $WORKER_PYTHON -m idat_jax.main$ARGS --config.distributed.enabled=True"
 GCLOUD=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all
         --command "$WORKER_CMD")
 if [[ "$DRY_RUN" == "1" ]]; then

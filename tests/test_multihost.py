@@ -152,7 +152,7 @@ def _env(env_root, read_log):
 
 
 def _main_args(env, config_arg, workdir, *extra):
-  return ["--config", f"{env['config']}:{config_arg}", "--workdir", workdir, *extra]
+  return ["--config", f"{env['config']}:{config_arg}", "--workdir", workdir, "--json", *extra]
 
 
 def _launch(env, config_arg, workdir, *extra, timeout=300):

@@ -70,7 +70,7 @@ def _env():
 def cli(config_file, workdir, *overrides, arg="", timeout=300):
   config = config_file + (f":{arg}" if arg else "")
   return subprocess.run([sys.executable, "-m", "idat_jax.main", "--config", config,
-                         "--workdir", str(workdir), *overrides],
+                         "--workdir", str(workdir), "--json", *overrides],
                         env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -245,7 +245,7 @@ def test_second_run_on_a_busy_workdir_is_refused_at_once(config_file, tmp_path):
   lock = wd.WorkdirLock(str(workdir))
   lock.acquire()
   lock.release()
-  assert (workdir / wd.LOCK_FILE).read_text() == ""
+  assert not (workdir / wd.LOCK_FILE).exists()
 
 
 def test_lock_takeover_after_a_dead_holder(tmp_path, caplog):

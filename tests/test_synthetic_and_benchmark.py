@@ -79,7 +79,7 @@ def test_cli_on_synthetic_data_times_epochs_and_fills_the_compilation_cache(tmp_
           "--workdir", str(sweep / "kitti"), "--config.data.image_size=16",
           "--config.optim.epochs=2", "--config.optim.cooldown_epochs=0",
           "--config.optim.warmup_epochs=0", "--config.batch_size=200",
-          "--config.eval_batch_size=128", "--config.progress_bar=False"]
+          "--config.eval_batch_size=128", "--config.progress_bar=False", "--json"]
   for model in ("student", "teacher"):
     args.append(f"--config.models.{model}.variant=custom")
     args += [f"--config.models.{model}.{k}={v}" for k, v in TINY.items()]

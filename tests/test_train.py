@@ -213,7 +213,7 @@ def _cli(args, cwd):
   if cache:
     env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(
         jax.config.jax_persistent_cache_min_compile_time_secs))
-  return subprocess.run([sys.executable, "-m", "idat_jax.main", *args], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, "-m", "idat_jax.main", "--json", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -386,7 +386,9 @@ def test_cli_missing_pretrained_checkpoint_names_the_path(data_root, tmp_path):
   missing = os.path.join(str(ckpt_dir),
                          "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
   (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
-  assert f"pretrained checkpoint for model 'student' not found: {missing}" in line
+  # An official AugReg file name missing from ckpt_dir is fetched; offline (tests/conftest.py)
+  # the line names the path where a hand-downloaded file is picked up.
+  assert "pretrained checkpoint" in line and "'student'" in line and missing in line
   assert "Traceback" not in out.stderr
   assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*"))
 

@@ -33,6 +33,7 @@ from idat_jax import config_lib
 from idat_jax import sharding as shd
 from idat_jax import train
 from idat_jax.data.base import DataError
+from idat_jax.errors import ConfigError
 from idat_jax.methods import build_method
 from idat_jax.methods.wecolora import load_distilled_student, segment_ends
 from idat_jax.models import LORA_TARGETS, build_vit
@@ -655,7 +656,8 @@ def test_reduction_that_keeps_no_block(teacher_npz, reduction):
 
 def test_lora_rank_larger_than_the_width(teacher_npz):
   width = ARCH["width"]
-  with pytest.raises(ValueError, match=rf"LoRA rank {width + 1} is larger than the width {width}"):
+  with pytest.raises(ConfigError, match=rf"config.models.student.tuning.lora_rank={width + 1}: "
+                                       rf"must be an integer in 1..{width} "):
     build_method(_weco_config(teacher_npz, 2, rank=width + 1))
   assert build_method(_weco_config(teacher_npz, 2, rank=width)).student_blocks == 3
 

@@ -31,8 +31,9 @@ from jax.sharding import Mesh
 from idat_jax.data import inputs
 from idat_jax.data.base import Source
 from idat_jax.data.inputs import DataFacts, EvalData, TrainData
+from idat_jax.errors import ConfigError
 from idat_jax.models import (PEFT_PATTERN, VisionTransformer, build_vit, model_overrides,
-                             trainable_rules)
+                             trainable_rules, variant_kwargs)
 
 Params = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -178,10 +179,26 @@ def split_rngs(rng: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
   return {name: keys[i] for i, name in enumerate(names)}
 
 
-def build_model(mcfg: ml_collections.ConfigDict, *, num_classes: int,
-                image_size: int) -> tuple[VisionTransformer, list[tuple[str, bool]]]:
-  """A ViT and its trainable rules from a model config block (``config_lib.model_config``)."""
+def check_lora_rank(rank: Any, width: int, key: str) -> None:
+  """A LoRA rank must be in ``1..width``: the update ``B A`` of a ``width``-wide projection
+  has at most that rank, so a larger one only adds parameters (and memory) that learn nothing."""
+  if not isinstance(rank, int) or not 1 <= rank <= width:
+    raise ConfigError(f"config.{key}={rank!r}: must be an integer in 1..{width} (the width of "
+                      "the ViT it adapts; a low-rank update cannot exceed the matrix rank)")
+
+
+def build_model(mcfg: ml_collections.ConfigDict, *, num_classes: int, image_size: int,
+                name: str | None = None) -> tuple[VisionTransformer, list[tuple[str, bool]]]:
+  """A ViT and its trainable rules from a model config block (``config_lib.model_config``).
+
+  ``name`` is the block's key under ``config.models`` (named in configuration errors).
+  """
   tuning = mcfg.tuning
+  if tuning.mode == "lora":
+    width = mcfg.get("width") or variant_kwargs(mcfg.variant).get("width")
+    if width:
+      check_lora_rank(tuning.lora_rank, width,
+                      f"models.{name or '<model>'}.tuning.lora_rank")
   overrides = model_overrides(
       tuning.mode, adapter_dim=tuning.adapter_dim, adapter_scale=tuning.adapter_scale,
       adapter_init_std=tuning.adapter_init_std, lora_rank=tuning.lora_rank,
@@ -199,10 +216,10 @@ def build_model(mcfg: ml_collections.ConfigDict, *, num_classes: int,
   return module, rules
 
 
-def pretrained_spec(mcfg: ml_collections.ConfigDict, *, num_classes: int,
-                    image_size: int) -> ModelSpec:
+def pretrained_spec(mcfg: ml_collections.ConfigDict, *, num_classes: int, image_size: int,
+                    name: str | None = None) -> ModelSpec:
   """The usual transfer set-up: backbone from ``mcfg.checkpoint``, fresh head and PEFT."""
-  module, rules = build_model(mcfg, num_classes=num_classes, image_size=image_size)
+  module, rules = build_model(mcfg, num_classes=num_classes, image_size=image_size, name=name)
   return ModelSpec(
       module=module, checkpoint=mcfg.checkpoint, trainable=rules,
       init_only=("head/.*", PEFT_PATTERN),
@@ -221,5 +238,5 @@ def register(cls: type[Method]) -> type[Method]:
 
 def build_method(config: ml_collections.ConfigDict) -> Method:
   if config.method not in _REGISTRY:
-    raise ValueError(f"unknown method {config.method!r}; expected one of {sorted(_REGISTRY)}")
+    raise ConfigError(f"unknown method {config.method!r}; expected one of {sorted(_REGISTRY)}")
   return _REGISTRY[config.method](config)

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import jax
 
+from idat_jax.errors import ConfigError
 from idat_jax.methods import losses
 from idat_jax.methods.base import Method, ModelSpec, Params, pretrained_spec, register, split_rngs
 
@@ -27,7 +28,7 @@ class Supervised(Method):
   def models(self) -> dict[str, ModelSpec]:
     c = self.config
     return {"student": pretrained_spec(c.models.student, num_classes=self.num_classes,
-                                       image_size=c.data.image_size)}
+                                       image_size=c.data.image_size, name="student")}
 
   def loss(self, params: Mapping[str, Params], batch, rng, extra):
     spec = self.specs["student"]
@@ -49,14 +50,14 @@ class IDAT(Method):
   def __init__(self, config):
     super().__init__(config)
     if config.idat.distill_loss not in DISTILL_LOSSES:
-      raise ValueError(f"unknown idat.distill_loss {config.idat.distill_loss!r}; "
-                       f"expected one of {DISTILL_LOSSES}")
+      raise ConfigError(f"unknown idat.distill_loss {config.idat.distill_loss!r}; "
+                        f"expected one of {DISTILL_LOSSES}")
 
   def models(self) -> dict[str, ModelSpec]:
     c = self.config
     kw = dict(num_classes=self.num_classes, image_size=c.data.image_size)
-    return {"student": pretrained_spec(c.models.student, **kw),
-            "teacher": pretrained_spec(c.models.teacher, **kw)}
+    return {"student": pretrained_spec(c.models.student, name="student", **kw),
+            "teacher": pretrained_spec(c.models.teacher, name="teacher", **kw)}
 
   def distillation(self, z_s: jax.Array, z_t: jax.Array) -> jax.Array:
     c = self.config.idat

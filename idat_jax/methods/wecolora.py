@@ -34,8 +34,10 @@ from idat_jax.data import inputs, multilabel_csv, preprocess, probe_transforms
 from idat_jax.data.base import Source
 from idat_jax.data.host_batches import StreamingTrainIterator
 from idat_jax.data.loader import MULTILABEL_BACKENDS
+from idat_jax.errors import ConfigError
 from idat_jax.methods import losses
-from idat_jax.methods.base import Method, ModelSpec, Params, build_model, register
+from idat_jax.methods.base import (Method, ModelSpec, Params, build_model, check_lora_rank,
+                                   register)
 from idat_jax.checkpoints import merge_lora
 from idat_jax.models import PEFT_PATTERN, variant_kwargs
 from idat_jax.tree_util import flatten, unflatten
@@ -48,15 +50,15 @@ FEATURES = ("auto", "pre_norm", "post_norm")
 def teacher_depth(mcfg: ml_collections.ConfigDict) -> int:
   depth = mcfg.depth if mcfg.depth is not None else variant_kwargs(mcfg.variant).get("depth")
   if not depth:
-    raise ValueError("the teacher's depth is unknown: set models.teacher.variant or .depth")
+    raise ConfigError("the teacher's depth is unknown: set models.teacher.variant or .depth")
   return int(depth)
 
 
 def kept_block_count(depth: int, reduction: int) -> int:
   if reduction < 1:
-    raise ValueError(f"reduction factor r={reduction} must be >= 1 (r keeps blocks 0, r, 2r, ...)")
+    raise ConfigError(f"reduction factor r={reduction} must be >= 1 (r keeps blocks 0, r, 2r, ...)")
   if depth < 1:
-    raise ValueError(f"the teacher has {depth} blocks: weight copy leaves no block")
+    raise ConfigError(f"the teacher has {depth} blocks: weight copy leaves no block")
   return len(range(0, depth, reduction))
 
 
@@ -86,17 +88,17 @@ class WeCoLoRA(Method):
     super().__init__(config)
     w = config.wecolora
     if w.student not in STUDENTS:
-      raise ValueError(f"unknown wecolora.student {w.student!r}; expected one of {STUDENTS}")
+      raise ConfigError(f"unknown wecolora.student {w.student!r}; expected one of {STUDENTS}")
     if w.loss not in DISTILL_LOSSES:
-      raise ValueError(f"unknown wecolora.loss {w.loss!r}; expected one of {DISTILL_LOSSES}")
+      raise ConfigError(f"unknown wecolora.loss {w.loss!r}; expected one of {DISTILL_LOSSES}")
     if w.feature not in FEATURES:
-      raise ValueError(f"unknown wecolora.feature {w.feature!r}; expected one of {FEATURES}")
+      raise ConfigError(f"unknown wecolora.feature {w.feature!r}; expected one of {FEATURES}")
     self.teacher_blocks = teacher_depth(config.models.teacher)
     self.student_blocks = kept_block_count(self.teacher_blocks, w.reduction)
     width = config.models.teacher.width or variant_kwargs(config.models.teacher.variant)["width"]
-    if w.student == "lora" and config.models.student.tuning.lora_rank > width:
-      raise ValueError(f"LoRA rank {config.models.student.tuning.lora_rank} is larger than the "
-                       f"width {width}: a low-rank update cannot exceed the matrix rank")
+    if w.student == "lora":  # the student is the teacher's blocks: the teacher's width
+      check_lora_rank(config.models.student.tuning.lora_rank, width,
+                      "models.student.tuning.lora_rank")
 
   @property
   def feature_point(self) -> str:
@@ -118,7 +120,7 @@ class WeCoLoRA(Method):
     scfg = _updated(tcfg, depth=self.student_blocks, drop_path=c.models.student.drop_path,
                         tuning=_updated(c.models.student.tuning, mode=mode,
                                             train_head=False))
-    student, rules = build_model(scfg, num_classes=0, image_size=image_size)
+    student, rules = build_model(scfg, num_classes=0, image_size=image_size, name="student")
     copy = w.student != "no_copy"
     specs["student"] = ModelSpec(
         student, tcfg.checkpoint if copy else "", rules,
@@ -138,7 +140,7 @@ class WeCoLoRA(Method):
     w = self.config.wecolora
     if self.feature_point == "post_norm":
       if w.loss == "segments":
-        raise ValueError("wecolora.loss='segments' compares block outputs (pre_norm features)")
+        raise ConfigError("wecolora.loss='segments' compares block outputs (pre_norm features)")
       loss = losses.l1_features(s["tokens"], t["tokens"])
     elif w.loss == "last":
       loss = losses.l1_features(s["blocks"][-1], t["blocks"][-1])
@@ -383,7 +385,7 @@ class LinearProbe(Method):
     bcfg = _updated(tcfg, depth=depth, tuning=_updated(tcfg.tuning, mode="full"))
     backbone, _ = build_model(bcfg, num_classes=0, image_size=c.data.image_size)
     if not tcfg.checkpoint:
-      raise ValueError("linear probing needs models.teacher.checkpoint (the backbone's weights)")
+      raise ConfigError("linear probing needs models.teacher.checkpoint (the backbone's weights)")
     specs = {"backbone": ModelSpec(
         backbone, tcfg.checkpoint, [(".*", False)],
         ignore_unexpected=("head/.*", "pre_logits/.*"), num_heads=backbone.num_heads,

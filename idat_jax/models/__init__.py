@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from idat_jax.errors import ConfigError
 from idat_jax.models.peft import (ADAPTER_KINDS, DEPRECATED_MODES, LORA_PRESETS, LORA_TARGETS,
                                   NO_PEFT, PEFT_PATTERN, TUNING_MODES, AdapterConfig, LoraConfig,
                                   PeftConfig, canonical_mode, model_overrides, peft_subtree,
@@ -32,9 +33,9 @@ def variant_kwargs(variant: str | None) -> dict[str, int]:
     size, patch = variant.split("/")
     return dict(VARIANTS[size], patch_size=int(patch))
   except (ValueError, KeyError):
-    raise ValueError(f"unknown ViT variant {variant!r}; expected one of {NAMED} "
-                     "(or any of Ti/S/B/L/H with a patch size), or 'custom' with explicit "
-                     "width/depth/num_heads/mlp_dim/patch_size") from None
+    raise ConfigError(f"unknown ViT variant {variant!r}; expected one of {NAMED} "
+                      "(or any of Ti/S/B/L/H with a patch size), or 'custom' with explicit "
+                      "width/depth/num_heads/mlp_dim/patch_size") from None
 
 
 def build_vit(variant: str | None, num_classes: int, **overrides: Any) -> VisionTransformer:
@@ -51,7 +52,7 @@ def build_vit(variant: str | None, num_classes: int, **overrides: Any) -> Vision
     missing = [k for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")
                if k not in kwargs]
     if missing:
-      raise ValueError(f"a custom ViT needs explicit {missing}")
+      raise ConfigError(f"a custom ViT needs explicit {missing}")
   return VisionTransformer(num_classes=num_classes, **kwargs)
 
 

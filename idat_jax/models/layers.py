@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from idat_jax.errors import ConfigError
 from idat_jax.models.peft import NO_PEFT, PeftConfig
 
 Dtype = Any
@@ -173,7 +174,7 @@ class PatchEmbedding(nn.Module):
     p = self.patch_size
     _, h, w, c = images.shape
     if h % p or w % p:
-      raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+      raise ConfigError(f"image size {h}x{w} is not divisible by the patch size {p}")
     kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
                         (p, p, c, self.width))
     bias = self.param("bias", nn.initializers.zeros, (self.width,))

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from absl import logging
 
 from idat_jax import tree_util
+from idat_jax.errors import ConfigError
 
 ADAPTER_KINDS = ("gist_seq_adapter", "gist_shared_par_adapter", "adaptformer")
 LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")
@@ -44,9 +45,9 @@ class AdapterConfig:
 
   def __post_init__(self):
     if self.kind not in ADAPTER_KINDS:
-      raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {ADAPTER_KINDS}")
+      raise ConfigError(f"unknown adapter kind {self.kind!r}; expected one of {ADAPTER_KINDS}")
     if self.hidden_dim < 1:
-      raise ValueError(f"adapter hidden_dim must be >= 1, got {self.hidden_dim}")
+      raise ConfigError(f"adapter hidden_dim must be >= 1, got {self.hidden_dim}")
 
   @property
   def effective_scale(self) -> float:
@@ -65,9 +66,9 @@ class LoraConfig:
   def __post_init__(self):
     unknown = sorted(set(self.targets) - set(LORA_TARGETS))
     if unknown or not self.targets:
-      raise ValueError(f"LoRA targets {self.targets} must be a non-empty subset of {LORA_TARGETS}")
+      raise ConfigError(f"LoRA targets {self.targets} must be a non-empty subset of {LORA_TARGETS}")
     if self.rank < 1:
-      raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+      raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}")
 
   @classmethod
   def from_alpha(cls, rank: int, alpha: float, targets=LORA_TARGETS) -> "LoraConfig":
@@ -107,7 +108,7 @@ def canonical_mode(mode: str) -> str:
                     "use %r", mode, new)
     return new
   if mode not in TUNING_MODES:
-    raise ValueError(f"unknown tuning mode {mode!r}; expected one of {TUNING_MODES}")
+    raise ConfigError(f"unknown tuning mode {mode!r}; expected one of {TUNING_MODES}")
   return mode
 
 
@@ -123,7 +124,7 @@ def model_overrides(mode: str, *, adapter_dim: int = 4, adapter_scale: float | N
   if mode == "lora":
     if isinstance(lora_targets, str):
       if lora_targets not in LORA_PRESETS:
-        raise ValueError(f"unknown LoRA preset {lora_targets!r}; expected {sorted(LORA_PRESETS)}")
+        raise ConfigError(f"unknown LoRA preset {lora_targets!r}; expected {sorted(LORA_PRESETS)}")
       lora_targets = LORA_PRESETS[lora_targets]
     return dict(peft=PeftConfig(lora=LoraConfig(
         rank=lora_rank, targets=tuple(lora_targets), scale=lora_scale)))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idat_jax.errors import ConfigError
 from idat_jax.models.layers import DropPath, Norm, PatchEmbedding, Projection, attention
 from idat_jax.models.peft import NO_PEFT, PeftConfig
 
@@ -75,7 +76,7 @@ class SelfAttention(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     d = x.shape[-1]
     if d % self.num_heads:
-      raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
+      raise ConfigError(f"width {d} is not divisible by {self.num_heads} heads")
     heads = (self.num_heads, d // self.num_heads)
 
     def proj(target, name, features, in_dims=1):
@@ -197,7 +198,7 @@ class VisionTransformer(EncoderSettings):
       raise ValueError(f"model built for {self.image_size}px images, got {images.shape[1:3]}; "
                        "rebuild it with image_size=... (checkpoints resize position embeddings)")
     if self.pool not in ("token", "gap"):
-      raise ValueError(f"pool must be 'token' or 'gap', got {self.pool!r}")
+      raise ConfigError(f"pool must be 'token' or 'gap', got {self.pool!r}")
     x = PatchEmbedding(patch_size=self.patch_size, width=self.width, peft=self.peft,
                        dtype=self.dtype, name="embedding")(images)
     if self.pool == "token":

@@ -4,7 +4,8 @@
   exclusive ``flock`` on ``<workdir>/.lock`` for the run's lifetime (process 0 only on
   multi-host runs). The kernel drops the lock when its holder dies, so a lock file left by a
   killed run is taken over (with a warning naming the dead pid); a live holder makes a second
-  run fail at once, naming its pid and host.
+  run fail at once, naming its pid and host. A run that ends (also by an error or Ctrl-C)
+  removes the file.
 * The config that decides a run's trajectory is stored with every checkpoint. A resume with a
   different one is refused with the list of changed keys, unless ``resume_changed=True`` says
   it is meant (the override is recorded in the checkpoint meta).
@@ -122,18 +123,24 @@ class WorkdirLock:
                       self.workdir)
       return self
     os.makedirs(self.workdir, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      holder = self._read_holder(fd)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        holder = self._read_holder(fd)
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+          raise WorkdirError(
+              f"work dir {self.workdir} is in use by pid {holder.get('pid', '?')} on "
+              f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to "
+              "finish, stop it, or use another --workdir") from None
+        raise
+      # The holder removes the file on release (before unlocking): a lock taken on a file
+      # that is no longer at self.path guards nothing, so it is taken again on the new one.
+      if self._is_current(fd):
+        break
       os.close(fd)
-      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise WorkdirError(
-            f"work dir {self.workdir} is in use by pid {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to "
-            "finish, stop it, or use another --workdir") from None
-      raise
     previous = self._read_holder(fd)
     host = socket.gethostname()
     if previous.get("pid"):
@@ -164,11 +171,23 @@ class WorkdirLock:
     except (OSError, ValueError):
       return {}
 
+  def _is_current(self, fd: int) -> bool:
+    try:
+      mine, now = os.fstat(fd), os.stat(self.path)
+    except FileNotFoundError:
+      return False
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
   def release(self) -> None:
+    """Removes the lock file (a clean exit leaves nothing behind), then unlocks."""
     if self._fd is None:
       return
     try:
-      os.ftruncate(self._fd, 0)  # a clean exit leaves no holder record behind
+      os.ftruncate(self._fd, 0)
+      try:
+        os.unlink(self.path)  # while still locked: see acquire() for a waiting opener
+      except FileNotFoundError:
+        pass
       fcntl.flock(self._fd, fcntl.LOCK_UN)
     finally:
       os.close(self._fd)
