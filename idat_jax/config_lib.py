@@ -247,6 +247,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_values(config)
 
 
+OPTIMIZERS = ("adamw", "lars")
+SCHEDULES = ("timm_cosine_epoch", "timm_cosine_step", "half_cycle_cosine", "constant")
 SEED_MAX = 2**31 - 1  # seeds reach jitted code as int32 under JAX's default (x64 off)
 
 
@@ -296,6 +298,9 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
   _in_range(config, "optim.momentum", 0, 1, high_open=True)
   _in_range(config, "optim.trust_coefficient", 0, inf, low_open=True)
   optim = config.get("optim") or {}
+  for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+    if key in optim:
+      _require(optim[key] in allowed, f"optim.{key}", optim[key], f"expected one of {allowed}")
   warmup, epochs = optim.get("warmup_epochs"), optim.get("epochs")
   if isinstance(warmup, int) and isinstance(epochs, int):
     _require(warmup <= epochs + (optim.get("cooldown_epochs") or 0), "optim.warmup_epochs",

@@ -15,6 +15,7 @@ summary as one JSON line, for scripts. ``<workdir>/summary.json`` holds every de
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -116,6 +117,27 @@ def _exit_with(report: str, status: int) -> None:
   os._exit(status)
 
 
+_ENV_HINTS = {
+    errno.ENOSPC: "free space and run the same command again (a training run resumes from its "
+                  "last complete checkpoint)",
+    errno.EDQUOT: "free space (disk quota) and run the same command again",
+    errno.EACCES: "check the permissions, or choose another --workdir / path",
+    errno.EPERM: "check the permissions, or choose another --workdir / path",
+    errno.EROFS: "the file system is read-only: choose another --workdir / path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another --workdir / path",
+    errno.EISDIR: "a folder stands where a file is expected: choose another path",
+    errno.EEXIST: "a file stands where a folder is expected: choose another --workdir / path",
+}
+
+
+def environment_message(error: OSError, workdir: str | None = None) -> str:
+  """One line for an error of the machine rather than the config: what, which file, what to do."""
+  what = error.strerror or _one_line(str(error)) or type(error).__name__
+  where = error.filename or workdir or ""
+  hint = _ENV_HINTS.get(error.errno or -1, "")
+  return f"{what}: {where}" + (f" ({hint})" if hint else "")
+
+
 def _flag_error_message(error: Exception) -> str:
   """The cause of a flag-parsing failure, without ml_collections' nested tracebacks."""
   text = str(error)
@@ -192,6 +214,8 @@ def main(argv) -> None:
     run(config, workdir)
   except IdatError as e:
     fail(str(e), workdir, verbose)
+  except OSError as e:  # the environment: disk, permissions, network, a path that is a file
+    fail(environment_message(e, workdir), workdir, verbose)
   except KeyboardInterrupt as e:
     interrupted(e, workdir)
 

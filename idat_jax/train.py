@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import uuid
 from typing import Any, Callable
 
 import jax
@@ -40,7 +41,8 @@ from idat_jax.errors import (CheckpointError, CheckpointNotFoundError, ConfigErr
                              RunInterrupted, StorageError)
 from idat_jax.training import workdir as wd
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
-from idat_jax.training.metrics import MetricWriter, append_result, json_safe, to_json
+from idat_jax.training.metrics import (MetricWriter, append_result, has_result, json_safe,
+                                      to_json)
 
 
 class NonFiniteLossError(IdatError, FloatingPointError):
@@ -48,6 +50,7 @@ class NonFiniteLossError(IdatError, FloatingPointError):
 
 
 SUMMARY_FILE = "summary.json"  # the finished run's summary (a re-run returns it)
+RESULTS_FILE = "results.csv"   # one row per finished run (scripts/vtab_table.py reads them)
 
 
 @dataclasses.dataclass
@@ -177,8 +180,8 @@ def make_schedule(ocfg: ml_collections.ConfigDict, steps_per_epoch: int, total_e
         micro_batches_per_epoch=micro)
   if ocfg.schedule == "constant":
     return optax.constant_schedule(ocfg.lr)
-  raise ValueError(f"unknown optim.schedule {ocfg.schedule!r}; expected timm_cosine_epoch, "
-                   "timm_cosine_step, half_cycle_cosine or constant")
+  raise ConfigError(f"config.optim.schedule={ocfg.schedule!r}: expected timm_cosine_epoch, "
+                    "timm_cosine_step, half_cycle_cosine or constant")
 
 
 def make_optimizer(ocfg: ml_collections.ConfigDict, schedule, trainable_params):
@@ -196,7 +199,7 @@ def make_optimizer(ocfg: ml_collections.ConfigDict, schedule, trainable_params):
     tx = optim.lars(schedule, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay,
                     trust_coefficient=ocfg.trust_coefficient)
   else:
-    raise ValueError(f"unknown optim.name {ocfg.name!r}; expected adamw or lars")
+    raise ConfigError(f"config.optim.name={ocfg.name!r}: expected adamw or lars")
   if ocfg.accum_steps < 1:
     raise ValueError(f"optim.accum_steps must be >= 1, got {ocfg.accum_steps}")
   return optim.with_accumulation(tx, ocfg.accum_steps) if ocfg.accum_steps > 1 else tx
@@ -251,21 +254,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   steps_per_epoch = num_examples // config.batch_size
   micro_batches_per_epoch = steps_per_epoch  # the loader's length, before dropping leftovers
   if steps_per_epoch < 1:
-    raise ValueError(f"batch size {config.batch_size} exceeds the {num_examples} "
-                     "training examples (drop-last leaves no step)")
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_examples} "
+                      f"training examples of {config.data.task!r} (drop-last leaves no step): "
+                      f"use a batch size <= {num_examples}")
   if steps_per_epoch % config.optim.accum_steps:
     # Leftover micro-batches of an epoch are dropped, as in the reference.
     steps_per_epoch -= steps_per_epoch % config.optim.accum_steps
     if not steps_per_epoch:
-      raise ValueError(f"an epoch has fewer than optim.accum_steps={config.optim.accum_steps} "
-                       "micro-batches")
+      raise ConfigError(f"config.optim.accum_steps={config.optim.accum_steps}: an epoch has "
+                        f"only {num_examples // config.batch_size} micro-batches of "
+                        f"{config.batch_size}; lower accum_steps or batch_size")
   total_epochs = config.optim.epochs + config.optim.cooldown_epochs
 
   params, masks, counts, extras = load_models(method, jax.random.key(config.seed), mesh)
   train_data, eval_data = method.prepare_inputs(params, mesh, workdir)
   trainable, frozen = tr.partition(params, masks)
   if not jax.tree.leaves(trainable):
-    raise ValueError("the trainable rules select no parameter at all")
+    raise ConfigError(f"the trainable rules of method {config.method!r} select no parameter at "
+                      "all (models.*.tuning.mode, train_head): nothing would be trained")
   schedule = make_schedule(config.optim, steps_per_epoch, total_epochs,
                            micro_batches_per_epoch)
   tx = make_optimizer(config.optim, schedule, trainable)
@@ -479,8 +485,15 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
   stored = _read_json(os.path.join(workdir, SUMMARY_FILE))
   if (stored and stored.get("finished") and not changes
       and stored.get("step") == ckpt.latest_step()):
-    logging.info("the run in %s already finished at step %d: nothing to train, no result row "
-                 "added (its summary follows)", workdir, stored["step"])
+    results = os.path.join(workdir, RESULTS_FILE)
+    if jax.process_index() == 0 and not has_result(results, stored.get("run_id")):
+      # Stopped between the summary and the row: the row is derived from the stored summary.
+      append_result(results, stored)
+      logging.info("the run in %s had finished; its result row was missing and is added now",
+                   workdir)
+    else:
+      logging.info("the run in %s already finished at step %d: nothing to train, no result "
+                   "row added (its summary follows)", workdir, stored["step"])
     return dict(stored, already_finished=True)
   if jax.process_index() == 0:
     wd.write_config_record(config, workdir, fresh=ckpt.latest_step() is None)
@@ -490,7 +503,8 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
   setup_s = time.time() - t_start
   meta = {"best_top1": None, "best_epoch": None, "last_top1": None, "history": [],
           "metric": s.method.eval_metric, "elapsed_s": 0.0, "method": config.method,
-          "config": current, "resume_overrides": [], **s.method.checkpoint_meta()}
+          "config": current, "resume_overrides": [], "run_id": uuid.uuid4().hex,
+          **s.method.checkpoint_meta()}
   if ckpt.latest_step() is not None:
     s.state, restored = _restore(s, ckpt)
     ckpt.move_aside(ckpt.failed_steps)  # else Orbax skips re-saving those steps (issue 19)
@@ -620,15 +634,18 @@ def _train(config, workdir, ckpt: Checkpointer, current, t_start) -> dict[str, A
       epochs=s.total_epochs, wall_time_s=round(prior_elapsed + time.time() - t_start, 2),
       workdir=fileio.abspath(workdir), finished=finished, step=int(s.state["step"]),
       counts=s.counts, setup_s=round(setup_s, 3), epoch_times=epoch_times,
-      resume_overrides=meta.get("resume_overrides") or [],
+      resume_overrides=meta.get("resume_overrides") or [], run_id=meta["run_id"],
       **{f"last_{k}": v for k, v in (meta.get("last_details") or {}).items()},
       **{f"best_{k}": v for k, v in (meta.get("best_details") or {}).items()})
   if finished and jax.process_index() == 0:
     summary.update(s.method.finalize(
         jax.device_get(tr.combine(s.state["trainable"], s.frozen)), workdir))
-    append_result(os.path.join(workdir, "results.csv"), summary)
-    fileio.write_text(os.path.join(workdir, SUMMARY_FILE),
-                      to_json(summary, indent=1))
+    # "Finished" is one fact on disk: summary.json (atomic) first, then the row, which carries
+    # the run's id; a rerun after a stop between the two adds the row only if it is missing.
+    fileio.write_text(os.path.join(workdir, SUMMARY_FILE), to_json(summary, indent=1))
+    results = os.path.join(workdir, RESULTS_FILE)
+    if not has_result(results, summary["run_id"]):
+      append_result(results, summary)
   return summary
 
 

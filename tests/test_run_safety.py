@@ -138,6 +138,34 @@ def test_rerunning_a_finished_run_adds_no_row(config_file, finished):
     assert json.load(f)["mode"] == "train"
 
 
+def test_a_stop_between_summary_and_result_row_gives_one_row(config_file, tmp_path):
+  """Issue 19, item 3: "finished" is one fact on disk. Both states a kill can leave between the
+  two writes are rebuilt from a real run: the rerun ends with exactly one row, of that run."""
+  workdir = str(tmp_path / "run")
+  out = cli(config_file, workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.load(open(os.path.join(workdir, "summary.json"), encoding="utf-8"))
+  rows = result_rows(workdir)
+  assert len(rows) == 1 and rows[0]["run_id"] == summary["run_id"] and summary["run_id"]
+  row_text = open(os.path.join(workdir, "results.csv"), encoding="utf-8").read()
+  # 1. Killed after summary.json, before the row: the rerun adds the row from the summary.
+  os.remove(os.path.join(workdir, "results.csv"))
+  again = cli(config_file, workdir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "its result row was missing and is added now" in again.stderr
+  assert open(os.path.join(workdir, "results.csv"), encoding="utf-8").read() == row_text
+  # 2. The row without summary.json (an older version's order): the run is finished from its
+  # last checkpoint, and the row already there is not written a second time.
+  os.remove(os.path.join(workdir, "summary.json"))
+  again = cli(config_file, workdir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  rows = result_rows(workdir)
+  assert len(rows) == 1 and rows[0]["run_id"] == summary["run_id"]
+  assert json.load(open(os.path.join(workdir, "summary.json")))["run_id"] == summary["run_id"]
+  # 3. A rerun of the finished run adds nothing.
+  assert cli(config_file, workdir).returncode == 0 and len(result_rows(workdir)) == 1
+
+
 def test_eval_mode_keeps_config_json_and_writes_its_own_record(config_file, finished):
   workdir, summary = finished
   before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()

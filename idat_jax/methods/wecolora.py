@@ -369,6 +369,9 @@ class LinearProbe(Method):
   def __init__(self, config):
     super().__init__(config)
     p = config.probe
+    if config.batch_size < 2:  # its BatchNorm's batch statistics (global over the devices)
+      raise ConfigError(f"config.batch_size={config.batch_size}: the linear probe's BatchNorm "
+                        "needs a batch of at least 2 (torch's BatchNorm1d refuses 1 too)")
     self.transform = probe_transforms.get(p.transform)
     self.multilabel = config.data.backend in MULTILABEL_BACKENDS
     self.eval_metric = "mean_auroc" if self.multilabel else "top1"

@@ -222,12 +222,28 @@ def _close_with_timeout(sink: Any, what: str, timeout_s: float = 30.0) -> None:
 
 RESULT_FIELDS = ("task", "method", "tuning", "seed", "metric", "best", "last", "best_epoch",
                  "best_top1", "last_top1", "trainable_params", "total_params", "epochs",
-                 "wall_time_s", "workdir", "details")
+                 "wall_time_s", "workdir", "run_id", "details")
 _SUMMARY_ONLY = ("method", "seed", "metric", "best", "last", "best_top1", "best_epoch",
                  "last_top1",
                  "trainable_params", "total_params", "epochs", "wall_time_s", "workdir",
                  "finished", "step", "counts", "setup_s", "epoch_times", "resume_overrides",
                  "task", "tuning", "already_finished")
+
+
+def has_result(path: str, run_id: str | None) -> bool:
+  """Whether ``results.csv`` already holds the row of run ``run_id`` (its own column, or the
+  details of a file whose header predates that column)."""
+  if not run_id or not fileio.exists(path):
+    return False
+  for row in csv.DictReader(io.StringIO(fileio.read_text(path, newline=""))):
+    if row.get("run_id") == run_id:
+      return True
+    try:
+      if json.loads(row.get("details") or "{}").get("run_id") == run_id:
+        return True
+    except (ValueError, AttributeError):
+      continue
+  return False
 
 
 def append_result(path: str, row: Mapping[str, Any]) -> None:
@@ -253,6 +269,8 @@ def append_result(path: str, row: Mapping[str, Any]) -> None:
   details = {k: _plain(v) for k, v in row.items() if k not in _SUMMARY_ONLY
              and k not in (f"best_{metric}", f"last_{metric}")
              and isinstance(v, (str, int, float, bool, type(None)))}
+  if "run_id" in fields:  # else (a file an older version started) the id rides in details
+    details.pop("run_id", None)
   out["details"] = to_json(details, sort_keys=True) if details else ""
   writer.writerow(out)
   with fileio.atomic_write(path) as tmp:
