@@ -277,6 +277,16 @@ def _in_range(config: ml_collections.ConfigDict, key: str, low: float, high: flo
   _require(ok, key, node, f"must be a finite number in {interval}")
 
 
+def _backend() -> str:
+  import jax  # noqa: PLC0415  (only when a config is validated; --helpfull stays fast)
+  return jax.default_backend()
+
+
+def compute_dtypes() -> tuple[str, ...]:
+  """The model compute dtypes the default backend runs (XLA:CPU has no float16 matmul)."""
+  return ("float32", "bfloat16") if _backend() == "cpu" else ("float32", "bfloat16", "float16")
+
+
 def validate_values(config: ml_collections.ConfigDict) -> None:
   """Every hyperparameter in its range, checked when the config is parsed: a negative learning
   rate would train by gradient ascent and still write a result row."""
@@ -316,6 +326,12 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
       value = config.models[name].tuning.get(key)
       _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                f"{tuning}.{key}", value, "must be an integer >= 1")
+  for name in (config.get("models") or {}):
+    dtype = config.models[name].get("dtype")
+    if dtype is not None:
+      supported = compute_dtypes()
+      _require(dtype in supported, f"models.{name}.dtype", dtype,
+               f"this backend ({_backend()}) computes in {', '.join(supported)}")
   _in_range(config, "data.few_shot_ratio", 0, 1, low_open=True)
   _in_range(config, "data.stratified_split", 0, 1, high_open=True)
   scale = (config.get("data") or {}).get("crop_scale")

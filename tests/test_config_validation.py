@@ -55,6 +55,20 @@ def test_out_of_range_values_are_one_line_errors(key, value, rule):
   assert "\n" not in str(e.value)
 
 
+def test_compute_dtype_the_backend_cannot_run_is_refused_with_the_supported_list():
+  """XLA:CPU has no float16 matmul: before, a traceback from the first train step."""
+  config = config_lib.base_config()
+  config.models.student.dtype = "float16"
+  with pytest.raises(ConfigError, match=r"^config.models.student.dtype='float16': this backend "
+                     r"\(cpu\) computes in float32, bfloat16$"):
+    config_lib.validate(config)
+  config.models.student.dtype = "float64"
+  with pytest.raises(ConfigError, match="computes in float32, bfloat16"):
+    config_lib.validate(config)
+  config.models.student.dtype = "bfloat16"
+  config_lib.validate(config)
+
+
 def test_boundaries_that_are_allowed():
   config = config_lib.base_config()
   for key, value in (("optim.weight_decay", 0.0), ("models.student.drop_path", 0.0),
