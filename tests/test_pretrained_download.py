@@ -266,20 +266,13 @@ def test_recorded_sha256_is_checked_on_later_use(tmp_path, server, env):
   assert len(server.gets("/w.npz")) == 2
 
 
-def test_resumes_a_partial_download_with_range(tmp_path, server, env):
+@pytest.mark.parametrize("mode", ["truncate_once", "truncate_then_no_range"])
+def test_partial_download_resumes_with_range_or_starts_over(tmp_path, server, env, mode):
+  """A server that honours Range continues the partial file (206); one that ignores it sends
+  the whole file again (200), which replaces the partial one."""
   data = _npz_bytes(tmp_path)
   server.files["/w.npz"] = data
-  server.modes["/w.npz"] = "truncate_once"
-  path = pretrained.resolve(server.url + "/w.npz")
-  assert open(path, "rb").read() == data
-  gets = server.gets("/w.npz")
-  assert [g[2] for g in gets] == [None, f"bytes={len(data) // 2}-"]
-
-
-def test_server_without_range_support_starts_over(tmp_path, server, env):
-  data = _npz_bytes(tmp_path)
-  server.files["/w.npz"] = data
-  server.modes["/w.npz"] = "truncate_then_no_range"
+  server.modes["/w.npz"] = mode
   path = pretrained.resolve(server.url + "/w.npz")
   assert open(path, "rb").read() == data
   assert [g[2] for g in server.gets("/w.npz")] == [None, f"bytes={len(data) // 2}-"]

@@ -25,23 +25,13 @@ from PIL import Image
 from idat_jax.data.base import DataError
 from idat_jax.training import checkpointing
 from idat_jax.training.checkpointing import Checkpointer, abstract_like
+from test_run_safety import _corrupt_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Item 6: a step that failed to restore is moved aside, so the retrained step is saved.
-
-
-def _corrupt_step(directory, step):
-  files = [p for p in glob.glob(os.path.join(directory, str(step), "state", "**"),
-                                recursive=True)
-           if os.path.isfile(p) and "ocdbt" not in p and os.path.getsize(p) > 64]
-  assert files
-  for path in files:
-    with open(path, "r+b") as f:
-      f.seek(8)
-      f.write(b"\x00garbage\xff" * 8)
 
 
 def _state(step):
@@ -65,7 +55,7 @@ def test_fallback_moves_the_corrupt_step_aside_and_its_retrained_step_is_saved(t
   for step in (4, 8):
     ckpt.save(step, _state(step), {"step": step})
   ckpt.close()
-  _corrupt_step(directory, 8)
+  _corrupt_state(str(tmp_path), 8)  # (test_run_safety: <workdir>/checkpoints/<step>)
 
   ckpt = Checkpointer(directory, max_to_keep=3)
   target = abstract_like(_state(0), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
@@ -384,7 +374,7 @@ def test_launcher_that_cannot_start_a_child_stops_the_started_ones(tmp_path):
 # Item 6 end to end, and the NaN message without a checkpoint (tiny digits ViT: depth 2,
 # width 32, 16 px; the helpers of test_run_safety).
 
-from test_run_safety import STEPS_PER_EPOCH, _corrupt_state, checkpoint_steps, cli  # noqa: E402
+from test_run_safety import STEPS_PER_EPOCH, checkpoint_steps, cli  # noqa: E402
 from test_run_safety import config_file  # noqa: E402,F401  (a fixture)
 
 
