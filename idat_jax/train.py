@@ -470,6 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   t_start = time.time()
   config_lib.validate(config)
+  fileio.exists(workdir)  # a gs:// work dir without its client: one StorageError, not Orbax's
   current = wd.trajectory_config(config)  # the config as given (what a resume must repeat)
   with workdir_lock(workdir):
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
@@ -668,6 +669,7 @@ def _interrupted(ckpt: Checkpointer, reached: int, total_steps: int) -> RunInter
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``mode=eval``: restores a checkpoint (latest, or ``config.eval.step``) and evaluates it."""
   config_lib.validate(config)
+  fileio.exists(workdir)  # a gs:// work dir without its client: one StorageError, not Orbax's
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not fileio.isdir(ckpt_dir):
     raise CheckpointNotFoundError(f"no checkpoint to evaluate: {ckpt_dir} does not exist; "

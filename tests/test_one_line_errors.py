@@ -71,3 +71,25 @@ def test_environment_messages_name_the_file_and_what_to_do():
   ro = OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run")
   assert "read-only: choose another --workdir" in environment_message(ro)
   assert environment_message(OSError("boom"), "/w") == "boom: /w"
+
+
+@pytest.mark.slow
+def test_gs_workdir_without_a_client_and_a_read_only_workdir_are_one_line(tmp_path):
+  import importlib.util
+  import shutil
+  if not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
+    line = _one_error_line(_cli("gs://bucket/runs/dtd"))
+    assert "gs://bucket/runs/dtd" in line and "pip install gcsfs" in line
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  mounted = (os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)],
+      capture_output=True).returncode == 0)
+  if not mounted:
+    pytest.skip("needs permission to mount a read-only tmpfs")
+  try:
+    line = _one_error_line(_cli(ro / "run"))
+    assert "Read-only file system" in line and str(ro / "run") in line
+    assert "choose another --workdir" in line
+  finally:
+    subprocess.run(["umount", "-l", str(ro)], capture_output=True)
