@@ -425,8 +425,9 @@ def test_batch_not_divisible_by_device_count(data_root, tmp_path):
   config.num_devices = 8
   config.progress_bar = False
   assert config.batch_size == 50
-  with pytest.raises(ValueError, match="batch size 50 must be a positive multiple of the 8 "
-                                       "devices"):
+  from idat_jax.errors import ConfigError  # an IdatError: main prints it as one line
+  with pytest.raises(ConfigError, match="batch size 50 must be a positive multiple of the 8 "
+                                        "devices"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
