@@ -193,16 +193,24 @@ def _host_lock(path: str) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) whose hash matched here
+
+
 def _cached(dest: str, what: str) -> bool:
   """True when ``dest`` is a complete download whose recorded sha256 still matches. A file
   that no longer matches its record is moved out of the way (with a warning) and fetched anew."""
   record = dest + ".sha256"
   if not (os.path.isfile(dest) and os.path.isfile(record)):
     return False
+  stat = os.stat(dest)
+  key = (dest, stat.st_size, stat.st_mtime_ns)
+  if key in _VERIFIED:  # hashed once per process (WeCoLoRA's teacher and student share a file)
+    return True
   with open(record, encoding="utf-8") as f:
     recorded = (f.read().split() or [""])[0]
   actual = sha256_of(dest)
   if actual == recorded:
+    _VERIFIED.add(key)
     return True
   log.warning("%s: the cached %s changed since it was downloaded (sha256 %s, recorded %s); "
               "fetching it again", what, dest, actual[:12], recorded[:12])
